@@ -1,0 +1,22 @@
+# pg_beat — PGXS build.  The version comes from pg_beat.control only.
+
+EXTENSION   = pg_beat
+EXTVERSION  = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
+MODULE_big  = pg_beat
+OBJS        = $(patsubst %.c,%.o,$(wildcard extension/*.c bgworker/*.c))
+DATA        = $(wildcard sql/$(EXTENSION)--*.sql)
+PG_CPPFLAGS = -I$(CURDIR)/extension -DPG_BEAT_VERSION=\"$(EXTVERSION)\"
+SHLIB_LINK  = -lcurl -ljansson
+EXTRA_CLEAN = regress/results regress/output_iso regress/tmp_check regress/log
+
+PG_CONFIG  ?= pg_config
+PGXS       := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+# Every object depends on the shared header.
+$(OBJS): extension/pg_beat.h
+
+.PHONY: test
+# Installs what is missing, builds with -Werror, runs every suite.
+test:
+	regress/run-tests

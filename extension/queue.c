@@ -1,0 +1,1091 @@
+/*-------------------------------------------------------------------------
+ *
+ * queue.c
+ *		The task queue's SQL functions: enqueue, claim, complete, fail,
+ *		heartbeat, cancel, requeue, reap and purge.
+ *
+ * Every function is one or two statements through saved SPI plans; none
+ * builds SQL from its arguments.  Concurrency rests on row locks taken by
+ * those statements:
+ *
+ * - claim locks due rows with FOR UPDATE SKIP LOCKED, so concurrent
+ *   claimers get disjoint tasks and never wait on each other;
+ * - complete, fail and heartbeat update only a row that is running and
+ *   leased to the calling worker; when no row matches they read the task
+ *   again to say why, and raise an error, so nothing is written;
+ * - idempotency rests on the partial unique index task_idempotency_idx and
+ *   INSERT ... ON CONFLICT DO NOTHING, which waits for a racing insert of
+ *   the same key to commit or abort before deciding.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/timestamp.h"
+
+#include "pg_beat.h"
+
+PG_FUNCTION_INFO_V1(beat_enqueue);
+PG_FUNCTION_INFO_V1(beat_enqueue_batch);
+PG_FUNCTION_INFO_V1(beat_claim);
+PG_FUNCTION_INFO_V1(beat_complete);
+PG_FUNCTION_INFO_V1(beat_complete_batch);
+PG_FUNCTION_INFO_V1(beat_fail);
+PG_FUNCTION_INFO_V1(beat_heartbeat);
+PG_FUNCTION_INFO_V1(beat_cancel);
+PG_FUNCTION_INFO_V1(beat_requeue);
+PG_FUNCTION_INFO_V1(beat_reap);
+PG_FUNCTION_INFO_V1(beat_purge);
+
+/* The states in which a task still has work ahead of it. */
+#define LIVE_STATES "('pending', 'running', 'failed')"
+#define DONE_STATES "('succeeded', 'dead', 'cancelled')"
+#define IDEMPOTENCY_ARBITER \
+	"ON CONFLICT (flow, idempotency_key) " \
+	"WHERE idempotency_key IS NOT NULL AND state IN " LIVE_STATES " DO NOTHING "
+
+/*
+ * In REPEATABLE READ and SERIALIZABLE an INSERT reads beat.flow as of the
+ * transaction's snapshot, so a flow dropped since would go unnoticed: there
+ * the INSERT locks the flow row, and a concurrent drop makes it fail with a
+ * serialization error.  READ COMMITTED needs no row lock (see flow.c).
+ */
+#define FLOW_LOCK " FOR KEY SHARE OF f"
+
+/* How often an idempotent enqueue retries when the duplicate it hit vanished. */
+#define IDEMPOTENCY_RETRIES 100
+
+/* The arguments shared by enqueue and enqueue_batch, checked. */
+typedef struct EnqueueArgs
+{
+	text	   *flow;
+	Datum		priority;
+	bool		priority_null;
+	Datum		run_at;
+	bool		run_at_null;
+	Datum		correlation_id;
+	bool		correlation_id_null;
+	Datum		max_attempts;
+	bool		max_attempts_null;
+} EnqueueArgs;
+
+static SPIPlanPtr plan_enqueue[2][2];	/* [keyed][locks the flow row] */
+static SPIPlanPtr plan_find_live = NULL;
+static SPIPlanPtr plan_flow_exists = NULL;
+static SPIPlanPtr plan_batch[2][2];	/* [keyed][locks the flow row] */
+static SPIPlanPtr plan_find_live_many = NULL;
+static SPIPlanPtr plan_claim = NULL;
+static SPIPlanPtr plan_complete = NULL;
+static SPIPlanPtr plan_complete_batch = NULL;
+static SPIPlanPtr plan_fail = NULL;
+static SPIPlanPtr plan_heartbeat = NULL;
+static SPIPlanPtr plan_task_state = NULL;
+static SPIPlanPtr plan_cancel = NULL;
+static SPIPlanPtr plan_requeue = NULL;
+static SPIPlanPtr plan_reap = NULL;
+static SPIPlanPtr plan_purge = NULL;
+
+/* Check the common enqueue arguments at the given positions. */
+static void
+read_enqueue_args(FunctionCallInfo fcinfo, EnqueueArgs *a)
+{
+	beat_require(fcinfo, 0, "flow");
+	a->flow = PG_GETARG_TEXT_PP(0);
+
+	a->priority_null = PG_ARGISNULL(2);
+	a->priority = PG_GETARG_DATUM(2);
+	if (!a->priority_null)
+		beat_check_range(DatumGetInt32(a->priority),
+						 BEAT_PRIORITY_MIN, BEAT_PRIORITY_MAX, "priority");
+
+	a->run_at_null = PG_ARGISNULL(3);
+	a->run_at = PG_GETARG_DATUM(3);
+	if (!a->run_at_null && TIMESTAMP_NOT_FINITE(DatumGetTimestampTz(a->run_at)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("run_at must be a finite time")));
+
+	a->correlation_id_null = PG_ARGISNULL(5);
+	a->correlation_id = PG_GETARG_DATUM(5);
+
+	a->max_attempts_null = PG_ARGISNULL(6);
+	a->max_attempts = PG_GETARG_DATUM(6);
+	if (!a->max_attempts_null)
+		beat_check_range(DatumGetInt32(a->max_attempts),
+						 1, BEAT_MAX_ATTEMPTS_MAX, "max_attempts");
+}
+
+/* Check one params value: a JSON object no larger than beat.max_params_size. */
+static Jsonb *
+check_params(Datum d, int index)
+{
+	Jsonb	   *jb = DatumGetJsonbP(d);
+	char		where[64] = "";
+
+	if (index >= 0)
+		snprintf(where, sizeof(where), " (element %d)", index + 1);
+
+	if (!JB_ROOT_IS_OBJECT(jb))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("params must be a JSON object%s", where),
+				 errhint("Pass task parameters as an object, for example '{\"handle\": \"alice\"}'.")));
+	if (VARSIZE(jb) > (Size) beat_max_params_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("params are too large%s", where),
+				 errdetail("They take %zu bytes; the limit is %d bytes.",
+						   (Size) VARSIZE(jb), beat_max_params_size),
+				 errhint("Raise beat.max_params_size, or keep large payloads elsewhere and pass a reference.")));
+	return jb;
+}
+
+/* Check an idempotency key: NULL means none, empty or too long is refused. */
+static void
+check_key(text *key)
+{
+	(void) beat_check_name(key, "idempotency key");
+}
+
+/* Raise "flow does not exist" unless the flow exists. */
+static void
+require_flow(Datum flow)
+{
+	Oid			argtypes[1] = {TEXTOID};
+
+	beat_prepare(&plan_flow_exists,
+				 "SELECT paused FROM beat.flow WHERE name = $1",
+				 1, argtypes);
+	beat_execute(plan_flow_exists, &flow, " ", SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("flow \"%s\" does not exist", TextDatumGetCString(flow)),
+				 errhint("Create it with beat.create_flow().")));
+}
+
+/* The id of the live task of flow with this key, or 0 if there is none. */
+static int64
+find_live(Datum flow, Datum key)
+{
+	Oid			argtypes[2] = {TEXTOID, TEXTOID};
+	Datum		values[2] = {flow, key};
+	bool		isnull;
+
+	beat_prepare(&plan_find_live,
+				 "SELECT id FROM beat.task WHERE flow = $1 AND idempotency_key = $2"
+				 " AND state IN " LIVE_STATES,
+				 2, argtypes);
+	beat_execute(plan_find_live, values, "  ", SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return 0;
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									   SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/* Insert one task; return its id, or 0 if a live duplicate key stopped it. */
+static int64
+insert_one(EnqueueArgs *a, Jsonb *params, text *key)
+{
+	Oid			argtypes[7] = {TEXTOID, JSONBOID, INT4OID, TIMESTAMPTZOID,
+	TEXTOID, UUIDOID, INT4OID};
+	Datum		values[7];
+	char		nulls[7] = "       ";
+	SPIPlanPtr	plan;
+	bool		isnull;
+
+	values[0] = PointerGetDatum(a->flow);
+	values[1] = JsonbPGetDatum(params);
+	values[2] = a->priority;
+	nulls[2] = a->priority_null ? 'n' : ' ';
+	values[3] = a->run_at;
+	nulls[3] = a->run_at_null ? 'n' : ' ';
+	values[4] = PointerGetDatum(key);
+	nulls[4] = key == NULL ? 'n' : ' ';
+	values[5] = a->correlation_id;
+	nulls[5] = a->correlation_id_null ? 'n' : ' ';
+	values[6] = a->max_attempts;
+	nulls[6] = a->max_attempts_null ? 'n' : ' ';
+
+#define ENQUEUE_SQL(lock, extra) \
+	"INSERT INTO beat.task (flow, params, priority, run_at, idempotency_key," \
+	" correlation_id, max_attempts)" \
+	" SELECT f.name, $2, coalesce($3, f.priority), coalesce($4, now()), $5," \
+	" coalesce($6, gen_random_uuid()), coalesce($7, f.max_attempts)" \
+	" FROM beat.flow f WHERE f.name = $1" lock " " extra "RETURNING id"
+
+	if (key == NULL && !IsolationUsesXactSnapshot())
+		plan = beat_prepare(&plan_enqueue[0][0], ENQUEUE_SQL("", ""), 7, argtypes);
+	else if (key == NULL)
+		plan = beat_prepare(&plan_enqueue[0][1], ENQUEUE_SQL(FLOW_LOCK, ""),
+							7, argtypes);
+	else if (!IsolationUsesXactSnapshot())
+		plan = beat_prepare(&plan_enqueue[1][0],
+							ENQUEUE_SQL("", IDEMPOTENCY_ARBITER), 7, argtypes);
+	else
+		plan = beat_prepare(&plan_enqueue[1][1],
+							ENQUEUE_SQL(FLOW_LOCK, IDEMPOTENCY_ARBITER), 7, argtypes);
+
+	beat_execute(plan, values, nulls, SPI_OK_INSERT_RETURNING);
+	if (SPI_processed == 0)
+		return 0;
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									   SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * Enqueue one task with an idempotency key.  A duplicate found by ON
+ * CONFLICT may finish (or its transaction abort) before we read it; then
+ * the key is free again and we insert once more.
+ */
+static int64
+enqueue_keyed(EnqueueArgs *a, Jsonb *params, text *key)
+{
+	for (int i = 0; i < IDEMPOTENCY_RETRIES; i++)
+	{
+		int64		id = insert_one(a, params, key);
+
+		if (id != 0)
+		{
+			beat_wake_at_commit();
+			return id;
+		}
+		require_flow(PointerGetDatum(a->flow));
+		id = find_live(PointerGetDatum(a->flow), PointerGetDatum(key));
+		if (id != 0)
+			return id;
+	}
+	ereport(ERROR,
+			(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+			 errmsg("could not enqueue task with idempotency key \"%s\"",
+					text_to_cstring(key)),
+			 errdetail("Concurrent transactions kept finishing the task with that key."),
+			 errhint("Retry the transaction.")));
+	return 0;					/* keep the compiler quiet */
+}
+
+/* beat.enqueue(flow, params, priority, run_at, idempotency_key, correlation_id, max_attempts) */
+Datum
+beat_enqueue(PG_FUNCTION_ARGS)
+{
+	EnqueueArgs a;
+	Jsonb	   *params;
+	text	   *key = NULL;
+	int64		id;
+
+	read_enqueue_args(fcinfo, &a);
+	beat_require(fcinfo, 1, "params");
+	params = check_params(PG_GETARG_DATUM(1), -1);
+	if (!PG_ARGISNULL(4))
+	{
+		key = PG_GETARG_TEXT_PP(4);
+		check_key(key);
+	}
+
+	beat_spi_connect();
+	if (key != NULL)
+		id = enqueue_keyed(&a, params, key);
+	else
+	{
+		id = insert_one(&a, params, NULL);
+		if (id == 0)
+			require_flow(PointerGetDatum(a.flow));	/* raises */
+		beat_wake_at_commit();
+	}
+	beat_spi_finish();
+
+	PG_RETURN_INT64(id);
+}
+
+/*
+ * Turn the params argument of enqueue_batch, a jsonb[] or a JSON array of
+ * objects, into a checked jsonb[] datum; set *count and *elems_out.
+ */
+static Datum
+batch_params(FunctionCallInfo fcinfo, int *count, Datum **elems_out)
+{
+	Oid			argtype = get_fn_expr_argtype(fcinfo->flinfo, 1);
+	Datum	   *elems;
+	int			n = 0;
+
+	if (argtype == JSONBOID)
+	{
+		Jsonb	   *arr = PG_GETARG_JSONB_P(1);
+		JsonbIterator *it;
+		JsonbValue	v;
+		JsonbIteratorToken tok;
+		int			cap;
+
+		if (!JB_ROOT_IS_ARRAY(arr) || JB_ROOT_IS_SCALAR(arr))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("params must be a JSON array of objects")));
+		cap = JB_ROOT_COUNT(arr);
+		elems = palloc(sizeof(Datum) * Max(cap, 1));
+		it = JsonbIteratorInit(&arr->root);
+		while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+		{
+			if (tok != WJB_ELEM)
+				continue;
+			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("params must be a JSON object (element %d)", n + 1)));
+			elems[n] = JsonbPGetDatum(JsonbValueToJsonb(&v));
+			(void) check_params(elems[n], n);
+			n++;
+		}
+	}
+	else
+	{
+		ArrayType  *arr = PG_GETARG_ARRAYTYPE_P(1);
+		bool	   *nulls;
+
+		if (ARR_NDIM(arr) > 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+					 errmsg("params must be a one-dimensional array")));
+		deconstruct_array(arr, JSONBOID, -1, false, TYPALIGN_INT,
+						  &elems, &nulls, &n);
+		for (int i = 0; i < n; i++)
+		{
+			if (nulls[i])
+				ereport(ERROR,
+						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+						 errmsg("params must not contain nulls (element %d)", i + 1)));
+			elems[i] = JsonbPGetDatum(check_params(elems[i], i));
+		}
+	}
+
+	*count = n;
+	*elems_out = elems;
+	return PointerGetDatum(construct_array(elems, n, JSONBOID, -1, false,
+										   TYPALIGN_INT));
+}
+
+/* Check idempotency_keys against the params count; return NULL if absent. */
+static ArrayType *
+batch_keys(FunctionCallInfo fcinfo, int count, Datum **keys, bool **key_nulls)
+{
+	ArrayType  *arr;
+	int			n;
+
+	if (PG_ARGISNULL(4))
+		return NULL;
+	arr = PG_GETARG_ARRAYTYPE_P(4);
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("idempotency_keys must be a one-dimensional array")));
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, keys, key_nulls, &n);
+	if (n != count)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("idempotency_keys must have one element per params element"),
+				 errdetail("There are %d params and %d keys.", count, n)));
+	for (int i = 0; i < n; i++)
+		if (!(*key_nulls)[i])
+			check_key(DatumGetTextPP((*keys)[i]));
+	return arr;
+}
+
+/* Byte equality of two text datums, which is what the unique index compares. */
+static bool
+same_text(Datum a, Datum b)
+{
+	text	   *x = DatumGetTextPP(a);
+	text	   *y = DatumGetTextPP(b);
+
+	return VARSIZE_ANY_EXHDR(x) == VARSIZE_ANY_EXHDR(y) &&
+		memcmp(VARDATA_ANY(x), VARDATA_ANY(y), VARSIZE_ANY_EXHDR(x)) == 0;
+}
+
+#define BATCH_SQL(keycol, keyarg, extra, cols, lock) \
+	"INSERT INTO beat.task (flow, params, priority, run_at, correlation_id," \
+	" max_attempts" keycol ")" \
+	" SELECT f.name, u.p, coalesce($3, f.priority), coalesce($4, now())," \
+	" coalesce($5, gen_random_uuid()), coalesce($6, f.max_attempts)" keyarg \
+	" FROM beat.flow f, unnest($2" extra ") WITH ORDINALITY AS u(" cols ")" \
+	" WHERE f.name = $1 ORDER BY u.ord" lock " "
+
+/*
+ * beat.enqueue_batch(flow, params, priority, run_at, idempotency_keys,
+ * correlation_id, max_attempts): one INSERT for the whole batch; ids come
+ * back in input order, with the existing id where a key was a duplicate.
+ */
+Datum
+beat_enqueue_batch(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	EnqueueArgs a;
+	Datum		params;
+	Datum	   *elems;
+	int			count;
+	Datum	   *keys = NULL;
+	bool	   *key_nulls = NULL;
+	ArrayType  *keyarr;
+	int64	   *ids;
+	Oid			argtypes[7] = {TEXTOID, JSONBARRAYOID, INT4OID, TIMESTAMPTZOID,
+	UUIDOID, INT4OID, TEXTARRAYOID};
+	Datum		values[7];
+	char		nulls[8] = "       ";
+	bool		isnull;
+
+	read_enqueue_args(fcinfo, &a);
+	beat_require(fcinfo, 1, "params");
+	params = batch_params(fcinfo, &count, &elems);
+	keyarr = batch_keys(fcinfo, count, &keys, &key_nulls);
+
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	ids = palloc0(sizeof(int64) * Max(count, 1));
+
+	values[0] = PointerGetDatum(a.flow);
+	values[1] = params;
+	values[2] = a.priority;
+	nulls[2] = a.priority_null ? 'n' : ' ';
+	values[3] = a.run_at;
+	nulls[3] = a.run_at_null ? 'n' : ' ';
+	values[4] = a.correlation_id;
+	nulls[4] = a.correlation_id_null ? 'n' : ' ';
+	values[5] = a.max_attempts;
+	nulls[5] = a.max_attempts_null ? 'n' : ' ';
+	values[6] = PointerGetDatum(keyarr);
+
+	beat_spi_connect();
+	if (count == 0)
+		require_flow(values[0]);
+	else if (keyarr == NULL)
+	{
+		/* No keys: nothing can conflict, rows come back in input order. */
+		SPIPlanPtr	plan;
+
+		if (!IsolationUsesXactSnapshot())
+			plan = beat_prepare(&plan_batch[0][0],
+								BATCH_SQL("", "", "", "p, ord", "") "RETURNING id",
+								6, argtypes);
+		else
+			plan = beat_prepare(&plan_batch[0][1],
+								BATCH_SQL("", "", "", "p, ord", FLOW_LOCK) "RETURNING id",
+								6, argtypes);
+		beat_execute(plan, values, nulls, SPI_OK_INSERT_RETURNING);
+		if (SPI_processed == 0)
+			require_flow(values[0]);	/* raises */
+		if (SPI_processed != (uint64) count)
+			elog(ERROR, "pg_beat: batch inserted " UINT64_FORMAT " of %d tasks",
+				 SPI_processed, count);
+		for (int i = 0; i < count; i++)
+			ids[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+												 SPI_tuptable->tupdesc, 1, &isnull));
+		beat_wake_at_commit();
+	}
+	else
+	{
+		/*
+		 * With keys: rows come back in input order minus the duplicates.  A
+		 * keyed position takes the id inserted for its key, or else the live
+		 * task that holds it; unkeyed positions take the returned unkeyed
+		 * rows in order.
+		 */
+		uint64		nret;
+		uint64		r = 0;
+		int			missing = 0;
+		SPIPlanPtr	plan;
+
+		if (!IsolationUsesXactSnapshot())
+			plan = beat_prepare(&plan_batch[1][0],
+								BATCH_SQL(", idempotency_key", ", u.k", ", $7", "p, k, ord", "")
+								IDEMPOTENCY_ARBITER "RETURNING id, idempotency_key",
+								7, argtypes);
+		else
+			plan = beat_prepare(&plan_batch[1][1],
+								BATCH_SQL(", idempotency_key", ", u.k", ", $7", "p, k, ord",
+										  FLOW_LOCK)
+								IDEMPOTENCY_ARBITER "RETURNING id, idempotency_key",
+								7, argtypes);
+		beat_execute(plan, values, nulls, SPI_OK_INSERT_RETURNING);
+		nret = SPI_processed;
+		if (nret == 0)
+			require_flow(values[0]);
+		if (nret > 0)
+			beat_wake_at_commit();
+
+		for (int i = 0; i < count; i++)
+		{
+			if (r < nret)
+			{
+				HeapTuple	tup = SPI_tuptable->vals[r];
+				bool		knull;
+				Datum		k = SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &knull);
+
+				if (knull == key_nulls[i] &&
+					(knull || same_text(k, keys[i])))
+				{
+					ids[i] = DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc,
+														 1, &isnull));
+					r++;
+					continue;
+				}
+			}
+			/* only a keyed position can be skipped by ON CONFLICT */
+			Assert(!key_nulls[i]);
+			missing++;
+		}
+		if (r != nret)
+			elog(ERROR, "pg_beat: could not match batch results to input");
+
+		if (missing > 0)
+		{
+			Oid			findtypes[2] = {TEXTOID, TEXTARRAYOID};
+			Datum		findvals[2];
+			SPITupleTable *found;
+			uint64		nfound;
+
+			/* One query for the duplicates; see enqueue_keyed for the rest. */
+			beat_prepare(&plan_find_live_many,
+						 "SELECT idempotency_key, id FROM beat.task"
+						 " WHERE flow = $1 AND idempotency_key = ANY ($2)"
+						 " AND state IN " LIVE_STATES,
+						 2, findtypes);
+			findvals[0] = values[0];
+			findvals[1] = PointerGetDatum(keyarr);
+			beat_execute(plan_find_live_many, findvals, "  ", SPI_OK_SELECT);
+			found = SPI_tuptable;
+			nfound = SPI_processed;
+			for (int i = 0; i < count; i++)
+			{
+				if (ids[i] != 0)
+					continue;
+				for (uint64 j = 0; j < nfound; j++)
+				{
+					HeapTuple	tup = found->vals[j];
+					Datum		k = SPI_getbinval(tup, found->tupdesc, 1, &isnull);
+
+					if (same_text(k, keys[i]))
+					{
+						ids[i] = DatumGetInt64(SPI_getbinval(tup, found->tupdesc,
+															 2, &isnull));
+						break;
+					}
+				}
+				if (ids[i] == 0)
+					ids[i] = enqueue_keyed(&a, DatumGetJsonbP(elems[i]),
+										   DatumGetTextPP(keys[i]));
+			}
+		}
+	}
+	beat_spi_finish();
+
+	for (int i = 0; i < count; i++)
+	{
+		Datum		v = Int64GetDatum(ids[i]);
+		bool		n = false;
+
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, &v, &n);
+	}
+	return (Datum) 0;
+}
+
+/* Explain why worker does not hold the lease of task_id, and raise. */
+static void
+report_not_held(int64 task_id, const char *worker)
+{
+	Oid			argtypes[1] = {INT8OID};
+	Datum		v = Int64GetDatum(task_id);
+	char	   *state;
+	char	   *owner;
+
+	beat_prepare(&plan_task_state,
+				 "SELECT state::text, lease_owner FROM beat.task WHERE id = $1",
+				 1, argtypes);
+	beat_execute(plan_task_state, &v, " ", SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("task " INT64_FORMAT " does not exist", task_id)));
+
+	state = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	owner = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	if (owner != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("worker \"%s\" does not hold the lease of task " INT64_FORMAT,
+						worker, task_id),
+				 errdetail("Worker \"%s\" holds it.", owner)));
+	if (strcmp(state, "pending") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("worker \"%s\" does not hold the lease of task " INT64_FORMAT,
+						worker, task_id),
+				 errdetail("The task is %s.", state),
+				 errhint("An expired lease is handed back by beat.reap(); keep the lease of a long task with beat.heartbeat().")));
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("worker \"%s\" does not hold the lease of task " INT64_FORMAT,
+					worker, task_id),
+			 errdetail("The task is %s.", state)));
+}
+
+/* beat.claim(flow, worker, max_tasks, lease): lease due tasks in claim order. */
+Datum
+beat_claim(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Oid			argtypes[4] = {TEXTOID, TEXTOID, INT4OID, INTERVALOID};
+	Datum		values[4];
+	char		nulls[5] = "    ";
+	int			natts;
+
+	beat_require(fcinfo, 0, "flow");
+	beat_require(fcinfo, 1, "worker");
+	beat_require(fcinfo, 2, "max_tasks");
+	(void) beat_check_name(PG_GETARG_TEXT_PP(1), "worker");
+	beat_check_range(PG_GETARG_INT32(2), 1, BEAT_MAX_TASKS_MAX, "max_tasks");
+	if (!PG_ARGISNULL(3))
+		beat_check_interval(PG_GETARG_INTERVAL_P(3), "lease", false);
+
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+
+	values[0] = PG_GETARG_DATUM(0);
+	values[1] = PG_GETARG_DATUM(1);
+	values[2] = PG_GETARG_DATUM(2);
+	values[3] = PG_GETARG_DATUM(3);
+	nulls[3] = PG_ARGISNULL(3) ? 'n' : ' ';
+
+	beat_spi_connect();
+	beat_prepare(&plan_claim,
+				 "WITH c AS ("
+				 "  SELECT t.id FROM beat.task t"
+				 "  WHERE t.flow = $1 AND t.state IN ('pending', 'failed')"
+				 "    AND t.run_at <= statement_timestamp()"
+				 "    AND EXISTS (SELECT FROM beat.flow f WHERE f.name = $1 AND NOT f.paused)"
+				 "  ORDER BY t.priority, t.run_at, t.id"
+				 "  LIMIT $3"
+				 "  FOR UPDATE SKIP LOCKED"
+				 "), u AS ("
+				 "  UPDATE beat.task t SET state = 'running', attempts = t.attempts + 1,"
+				 "    lease_owner = $2,"
+				 "    lease_expires_at = statement_timestamp()"
+				 "      + coalesce($4, (SELECT f.lease FROM beat.flow f WHERE f.name = $1)),"
+				 "    started_at = statement_timestamp(), updated_at = statement_timestamp()"
+				 "  FROM c WHERE t.id = c.id"
+				 "  RETURNING t.id, t.flow, t.params, t.priority, t.attempts, t.max_attempts,"
+				 "    t.idempotency_key, t.correlation_id, t.run_at, t.created_at,"
+				 "    t.lease_expires_at"
+				 ") SELECT * FROM u ORDER BY priority, run_at, id",
+				 4, argtypes);
+	beat_execute(plan_claim, values, nulls, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		require_flow(values[0]);	/* unknown flow raises; paused returns none */
+
+	natts = rsinfo->setDesc->natts;
+	if (SPI_tuptable->tupdesc->natts != natts)
+		elog(ERROR, "pg_beat: claim returned %d columns, expected %d",
+			 SPI_tuptable->tupdesc->natts, natts);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		Datum	   *row = palloc(sizeof(Datum) * natts);
+		bool	   *rownulls = palloc(sizeof(bool) * natts);
+
+		heap_deform_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, row, rownulls);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, row, rownulls);
+	}
+	beat_spi_finish();
+	return (Datum) 0;
+}
+
+/* beat.complete(task_id, worker, result): the held task succeeded. */
+Datum
+beat_complete(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[3] = {INT8OID, TEXTOID, JSONBOID};
+	Datum		values[3];
+	char		nulls[4] = "   ";
+	char	   *worker;
+
+	beat_require(fcinfo, 0, "task_id");
+	beat_require(fcinfo, 1, "worker");
+	worker = beat_check_name(PG_GETARG_TEXT_PP(1), "worker");
+
+	values[0] = PG_GETARG_DATUM(0);
+	values[1] = PG_GETARG_DATUM(1);
+	values[2] = PG_GETARG_DATUM(2);
+	nulls[2] = PG_ARGISNULL(2) ? 'n' : ' ';
+
+	beat_spi_connect();
+	beat_prepare(&plan_complete,
+				 "UPDATE beat.task SET state = 'succeeded', result = $3,"
+				 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
+				 " lease_owner = NULL, lease_expires_at = NULL"
+				 " WHERE id = $1 AND state = 'running' AND lease_owner = $2",
+				 3, argtypes);
+	beat_execute(plan_complete, values, nulls, SPI_OK_UPDATE);
+	if (SPI_processed == 0)
+		report_not_held(PG_GETARG_INT64(0), worker);
+	beat_spi_finish();
+	PG_RETURN_VOID();
+}
+
+/* Compare two int64 for qsort. */
+static int
+cmp_int64(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return (x > y) - (x < y);
+}
+
+/* beat.complete_batch(task_ids, worker, results): all held, or an error. */
+Datum
+beat_complete_batch(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[3] = {INT8ARRAYOID, TEXTOID, JSONBARRAYOID};
+	Datum		values[3];
+	char		nulls[4] = "   ";
+	char	   *worker;
+	ArrayType  *idarr;
+	Datum	   *ids;
+	bool	   *idnulls;
+	int			n;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_INT64(0);
+	beat_require(fcinfo, 1, "worker");
+	worker = beat_check_name(PG_GETARG_TEXT_PP(1), "worker");
+
+	idarr = PG_GETARG_ARRAYTYPE_P(0);
+	if (ARR_NDIM(idarr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("task_ids must be a one-dimensional array")));
+	deconstruct_array(idarr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
+					  &ids, &idnulls, &n);
+	for (int i = 0; i < n; i++)
+		if (idnulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("task_ids must not contain nulls")));
+	if (n == 0)
+		PG_RETURN_INT64(0);
+	if (!PG_ARGISNULL(2))
+	{
+		ArrayType  *res = PG_GETARG_ARRAYTYPE_P(2);
+		int			nres = ArrayGetNItems(ARR_NDIM(res), ARR_DIMS(res));
+
+		if (ARR_NDIM(res) > 1 || nres != n)
+			ereport(ERROR,
+					(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+					 errmsg("results must have one element per task id"),
+					 errdetail("There are %d task ids and %d results.", n, nres)));
+	}
+
+	values[0] = PointerGetDatum(idarr);
+	values[1] = PG_GETARG_DATUM(1);
+	values[2] = PG_GETARG_DATUM(2);
+	nulls[2] = PG_ARGISNULL(2) ? 'n' : ' ';
+
+	beat_spi_connect();
+	beat_prepare(&plan_complete_batch,
+				 "UPDATE beat.task t SET state = 'succeeded', result = r.result,"
+				 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
+				 " lease_owner = NULL, lease_expires_at = NULL"
+				 " FROM unnest($1, $3) AS r(id, result)"
+				 " WHERE t.id = r.id AND t.state = 'running' AND t.lease_owner = $2"
+				 " RETURNING t.id",
+				 3, argtypes);
+	beat_execute(plan_complete_batch, values, nulls, SPI_OK_UPDATE_RETURNING);
+
+	if (SPI_processed != (uint64) n)
+	{
+		/* Name the first id that was not held, or the repeated one. */
+		uint64		ndone = SPI_processed;
+		int64	   *done = palloc(sizeof(int64) * Max(ndone, 1));
+		bool		isnull;
+
+		for (uint64 i = 0; i < ndone; i++)
+			done[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+												  SPI_tuptable->tupdesc, 1, &isnull));
+		qsort(done, ndone, sizeof(int64), cmp_int64);
+		for (int i = 0; i < n; i++)
+		{
+			int64		id = DatumGetInt64(ids[i]);
+
+			if (bsearch(&id, done, ndone, sizeof(int64), cmp_int64) == NULL)
+				report_not_held(id, worker);
+		}
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("task_ids must not contain duplicates")));
+	}
+	beat_spi_finish();
+	PG_RETURN_INT64(n);
+}
+
+/* beat.fail(task_id, worker, error, retry_after, permanent): retry or dead. */
+Datum
+beat_fail(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[5] = {INT8OID, TEXTOID, TEXTOID, INTERVALOID, BOOLOID};
+	Datum		values[5];
+	char		nulls[6] = "     ";
+	char	   *worker;
+	bool		isnull;
+	Datum		state;
+
+	beat_require(fcinfo, 0, "task_id");
+	beat_require(fcinfo, 1, "worker");
+	beat_require(fcinfo, 2, "error");
+	worker = beat_check_name(PG_GETARG_TEXT_PP(1), "worker");
+	if (!PG_ARGISNULL(3))
+		beat_check_interval(PG_GETARG_INTERVAL_P(3), "retry_after", true);
+
+	values[0] = PG_GETARG_DATUM(0);
+	values[1] = PG_GETARG_DATUM(1);
+	values[2] = PG_GETARG_DATUM(2);
+	values[3] = PG_GETARG_DATUM(3);
+	nulls[3] = PG_ARGISNULL(3) ? 'n' : ' ';
+	values[4] = PG_ARGISNULL(4) ? BoolGetDatum(false) : PG_GETARG_DATUM(4);
+
+	/*
+	 * Full jitter: a retry waits a uniform random time between zero and
+	 * min(cap, base * 2^(attempts - 1)); a provider's retry_after wins when
+	 * it is longer.  The exponent stops at 40, long past any sane cap.
+	 */
+	beat_spi_connect();
+	beat_prepare(&plan_fail,
+				 "UPDATE beat.task t SET"
+				 " state = CASE WHEN $5 OR t.attempts >= t.max_attempts"
+				 "   THEN 'dead'::beat.task_state ELSE 'failed'::beat.task_state END,"
+				 " run_at = CASE WHEN $5 OR t.attempts >= t.max_attempts THEN t.run_at"
+				 "   ELSE statement_timestamp() + greatest(coalesce($4, interval '0'),"
+				 "     random() * least(f.backoff_cap,"
+				 "       f.backoff_base * power(2, least(t.attempts - 1, 40)))) END,"
+				 " finished_at = CASE WHEN $5 OR t.attempts >= t.max_attempts"
+				 "   THEN statement_timestamp() END,"
+				 " last_error = $3, lease_owner = NULL, lease_expires_at = NULL,"
+				 " updated_at = statement_timestamp()"
+				 " FROM beat.flow f"
+				 " WHERE f.name = t.flow AND t.id = $1 AND t.state = 'running'"
+				 "   AND t.lease_owner = $2"
+				 " RETURNING t.state",
+				 5, argtypes);
+	beat_execute(plan_fail, values, nulls, SPI_OK_UPDATE_RETURNING);
+	if (SPI_processed == 0)
+		report_not_held(PG_GETARG_INT64(0), worker);
+	state = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	beat_spi_finish();
+
+	beat_wake_at_commit();
+	PG_RETURN_DATUM(state);
+}
+
+/* beat.heartbeat(task_id, worker, extend): push the lease's expiry out. */
+Datum
+beat_heartbeat(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[3] = {INT8OID, TEXTOID, INTERVALOID};
+	Datum		values[3];
+	char		nulls[4] = "   ";
+	char	   *worker;
+	bool		isnull;
+	Datum		expires;
+
+	beat_require(fcinfo, 0, "task_id");
+	beat_require(fcinfo, 1, "worker");
+	worker = beat_check_name(PG_GETARG_TEXT_PP(1), "worker");
+	if (!PG_ARGISNULL(2))
+		beat_check_interval(PG_GETARG_INTERVAL_P(2), "extend", false);
+
+	values[0] = PG_GETARG_DATUM(0);
+	values[1] = PG_GETARG_DATUM(1);
+	values[2] = PG_GETARG_DATUM(2);
+	nulls[2] = PG_ARGISNULL(2) ? 'n' : ' ';
+
+	beat_spi_connect();
+	beat_prepare(&plan_heartbeat,
+				 "UPDATE beat.task t"
+				 " SET lease_expires_at = statement_timestamp() + coalesce($3, f.lease)"
+				 " FROM beat.flow f"
+				 " WHERE f.name = t.flow AND t.id = $1 AND t.state = 'running'"
+				 "   AND t.lease_owner = $2"
+				 " RETURNING t.lease_expires_at",
+				 3, argtypes);
+	beat_execute(plan_heartbeat, values, nulls, SPI_OK_UPDATE_RETURNING);
+	if (SPI_processed == 0)
+		report_not_held(PG_GETARG_INT64(0), worker);
+	expires = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	beat_spi_finish();
+	PG_RETURN_DATUM(expires);
+}
+
+/*
+ * Raise if the task does not exist, or if its state is not named in allowed
+ * (a list as the message shows it); else return its state in *state.
+ */
+static void
+report_state(int64 task_id, const char *action, const char *done,
+			 const char *allowed, char **state)
+{
+	Oid			argtypes[1] = {INT8OID};
+	Datum		v = Int64GetDatum(task_id);
+
+	beat_prepare(&plan_task_state,
+				 "SELECT state::text, lease_owner FROM beat.task WHERE id = $1",
+				 1, argtypes);
+	beat_execute(plan_task_state, &v, " ", SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("task " INT64_FORMAT " does not exist", task_id)));
+	*state = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	if (strstr(allowed, *state) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cannot %s task " INT64_FORMAT " because it is %s",
+						action, task_id, *state),
+				 errdetail("Only %s tasks can be %s.", allowed, done)));
+}
+
+/* beat.cancel(task_id): a task that has not finished will not run. */
+Datum
+beat_cancel(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[1] = {INT8OID};
+	Datum		v = PG_GETARG_DATUM(0);
+
+	beat_spi_connect();
+	beat_prepare(&plan_cancel,
+				 "UPDATE beat.task SET state = 'cancelled',"
+				 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
+				 " lease_owner = NULL, lease_expires_at = NULL"
+				 " WHERE id = $1 AND state IN " LIVE_STATES,
+				 1, argtypes);
+	beat_execute(plan_cancel, &v, " ", SPI_OK_UPDATE);
+	if (SPI_processed == 0)
+	{
+		char	   *state;
+
+		report_state(PG_GETARG_INT64(0), "cancel", "cancelled",
+					 "pending, running or failed", &state);
+		elog(ERROR, "pg_beat: task " INT64_FORMAT " is %s but was not cancelled",
+			 PG_GETARG_INT64(0), state);
+	}
+	beat_spi_finish();
+	PG_RETURN_VOID();
+}
+
+/* beat.requeue(task_id): a dead or cancelled task runs again from scratch. */
+Datum
+beat_requeue(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[1] = {INT8OID};
+	Datum		v = PG_GETARG_DATUM(0);
+
+	beat_spi_connect();
+	beat_prepare(&plan_requeue,
+				 "UPDATE beat.task t SET state = 'pending', attempts = 0,"
+				 " run_at = statement_timestamp(), finished_at = NULL, result = NULL,"
+				 " updated_at = statement_timestamp()"
+				 " WHERE t.id = $1 AND t.state IN ('dead', 'cancelled')"
+				 "   AND NOT EXISTS (SELECT FROM beat.task d WHERE d.flow = t.flow"
+				 "     AND d.idempotency_key = t.idempotency_key"
+				 "     AND d.state IN " LIVE_STATES ")",
+				 1, argtypes);
+	beat_execute(plan_requeue, &v, " ", SPI_OK_UPDATE);
+	if (SPI_processed == 0)
+	{
+		char	   *state;
+
+		report_state(PG_GETARG_INT64(0), "requeue", "requeued", "dead or cancelled",
+					 &state);
+		/* dead or cancelled, so a live task holds its key */
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("cannot requeue task " INT64_FORMAT, PG_GETARG_INT64(0)),
+				 errdetail("A live task of the same flow has the same idempotency key.")));
+	}
+	beat_spi_finish();
+	beat_wake_at_commit();
+	PG_RETURN_VOID();
+}
+
+/* beat.reap(): expired leases go back to pending, or dead when out of attempts. */
+Datum
+beat_reap(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[2];
+	bool		nulls[2] = {false, false};
+	bool		isnull;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "pg_beat: reap must return a record");
+	tupdesc = BlessTupleDesc(tupdesc);
+
+	/* Rows a live transaction holds are skipped: that worker is not dead. */
+	beat_spi_connect();
+	beat_prepare(&plan_reap,
+				 "WITH x AS ("
+				 "  UPDATE beat.task t SET"
+				 "   state = CASE WHEN t.attempts >= t.max_attempts"
+				 "     THEN 'dead'::beat.task_state ELSE 'pending'::beat.task_state END,"
+				 "   finished_at = CASE WHEN t.attempts >= t.max_attempts"
+				 "     THEN statement_timestamp() END,"
+				 "   last_error = 'lease of worker \"' || t.lease_owner || '\" expired',"
+				 "   lease_owner = NULL, lease_expires_at = NULL,"
+				 "   updated_at = statement_timestamp()"
+				 "  WHERE t.id IN (SELECT id FROM beat.task"
+				 "    WHERE state = 'running' AND lease_expires_at < statement_timestamp()"
+				 "    FOR UPDATE SKIP LOCKED)"
+				 "  RETURNING t.state"
+				 ") SELECT count(*) FILTER (WHERE state = 'pending'),"
+				 "  count(*) FILTER (WHERE state = 'dead') FROM x",
+				 0, NULL);
+	beat_execute(plan_reap, NULL, NULL, SPI_OK_SELECT);
+	values[0] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	values[1] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	beat_spi_finish();
+
+	if (DatumGetInt64(values[0]) > 0)
+		beat_wake_at_commit();
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* beat.purge(older_than): delete finished tasks past their retention. */
+Datum
+beat_purge(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[1] = {INTERVALOID};
+	Datum		v = PG_GETARG_DATUM(0);
+	char		nulls[2] = " ";
+	bool		isnull;
+	int64		count;
+
+	if (PG_ARGISNULL(0))
+		nulls[0] = 'n';
+	else
+		beat_check_interval(PG_GETARG_INTERVAL_P(0), "older_than", true);
+
+	beat_spi_connect();
+	beat_prepare(&plan_purge,
+				 "WITH d AS ("
+				 "  DELETE FROM beat.task t USING beat.flow f"
+				 "  WHERE f.name = t.flow AND t.state IN " DONE_STATES
+				 "    AND t.finished_at < statement_timestamp() - coalesce($1, f.retention)"
+				 "  RETURNING 1"
+				 ") SELECT count(*) FROM d",
+				 1, argtypes);
+	beat_execute(plan_purge, &v, nulls, SPI_OK_SELECT);
+	count = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+										SPI_tuptable->tupdesc, 1, &isnull));
+	beat_spi_finish();
+	PG_RETURN_INT64(count);
+}

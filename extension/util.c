@@ -1,0 +1,123 @@
+/*-------------------------------------------------------------------------
+ *
+ * util.c
+ *		Saved SPI plans and the argument checks every SQL function shares.
+ *
+ * Plans are prepared once per backend and kept for its lifetime
+ * (SPI_keepplan).  They refer to beat.* objects by name, so the plan cache
+ * replans them if the extension is dropped and created again.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "executor/spi.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "pg_beat.h"
+
+/* Return the cached plan for sql, preparing and keeping it on first use. */
+SPIPlanPtr
+beat_prepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan;
+
+	if (*cache != NULL)
+		return *cache;
+
+	plan = SPI_prepare(sql, nargs, argtypes);
+	if (plan == NULL)
+		elog(ERROR, "pg_beat: could not prepare statement: %s",
+			 SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "pg_beat: could not keep prepared statement");
+	*cache = plan;
+	return plan;
+}
+
+/* Run a saved plan, failing loudly on anything but the expected result. */
+void
+beat_execute(SPIPlanPtr plan, Datum *values, const char *nulls, int expected)
+{
+	int			rc = SPI_execute_plan(plan, values, nulls, false, 0);
+
+	if (rc != expected)
+		elog(ERROR, "pg_beat: SPI_execute_plan returned %s",
+			 SPI_result_code_string(rc));
+}
+
+/* Connect to SPI or fail. */
+void
+beat_spi_connect(void)
+{
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "pg_beat: SPI_connect failed");
+}
+
+/* Disconnect from SPI or fail. */
+void
+beat_spi_finish(void)
+{
+	if (SPI_finish() != SPI_OK_FINISH)
+		elog(ERROR, "pg_beat: SPI_finish failed");
+}
+
+/* Refuse a NULL argument, naming it. */
+void
+beat_require(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+}
+
+/* Check a worker or key name: not empty, not too long; return it as C text. */
+char *
+beat_check_name(text *t, const char *what)
+{
+	int			len = VARSIZE_ANY_EXHDR(t);
+
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be empty", what)));
+	if (len > BEAT_NAME_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_NAME_TOO_LONG),
+				 errmsg("%s is too long", what),
+				 errdetail("It has %d bytes; the limit is %d.", len, BEAT_NAME_MAX)));
+	return text_to_cstring(t);
+}
+
+/* Check that an interval is positive (or, when zero_ok, not negative). */
+void
+beat_check_interval(Interval *iv, const char *what, bool zero_ok)
+{
+	Interval	zero;
+	int			cmp;
+
+	memset(&zero, 0, sizeof(zero));
+	cmp = DatumGetInt32(DirectFunctionCall2(interval_cmp,
+											IntervalPGetDatum(iv),
+											IntervalPGetDatum(&zero)));
+	if (cmp < 0 || (cmp == 0 && !zero_ok))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be %s", what, zero_ok ? "zero or positive" : "positive"),
+				 errdetail("The value given was %s.",
+						   DatumGetCString(DirectFunctionCall1(interval_out,
+															   IntervalPGetDatum(iv))))));
+}
+
+/* Check that an integer lies in [lo, hi]. */
+void
+beat_check_range(int64 value, int64 lo, int64 hi, const char *what)
+{
+	if (value < lo || value > hi)
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("%s must be between " INT64_FORMAT " and " INT64_FORMAT, what, lo, hi),
+				 errdetail("The value given was " INT64_FORMAT ".", value)));
+}
