@@ -34,6 +34,7 @@ PG_FUNCTION_INFO_V1(beat_drop_flow);
 
 static SPIPlanPtr plan_flow_insert = NULL;
 static SPIPlanPtr plan_flow_update = NULL;
+static SPIPlanPtr plan_flow_backoff = NULL;
 static SPIPlanPtr plan_flow_lock = NULL;
 static SPIPlanPtr plan_flow_live = NULL;
 static SPIPlanPtr plan_flow_delete_tasks = NULL;
@@ -91,6 +92,34 @@ check_flow_settings(FunctionCallInfo fcinfo)
 		beat_check_range(PG_GETARG_INT32(8), 1, 1024, "concurrency");
 }
 
+/* Refuse a backoff_cap shorter than backoff_base, given or current. */
+static void
+check_backoff(FunctionCallInfo fcinfo)
+{
+	Oid			argtypes[3] = {TEXTOID, INTERVALOID, INTERVALOID};
+	Datum		values[3] = {PG_GETARG_DATUM(0), PG_GETARG_DATUM(2), PG_GETARG_DATUM(3)};
+	char		nulls[4] = "   ";
+	bool		isnull;
+
+	nulls[1] = PG_ARGISNULL(2) ? 'n' : ' ';
+	nulls[2] = PG_ARGISNULL(3) ? 'n' : ' ';
+	beat_prepare(&plan_flow_backoff,
+				 "SELECT coalesce($2, backoff_base) <= coalesce($3, backoff_cap),"
+				 " coalesce($2, backoff_base)::text, coalesce($3, backoff_cap)::text"
+				 " FROM beat.flow WHERE name = $1",
+				 3, argtypes);
+	beat_execute(plan_flow_backoff, values, nulls, SPI_OK_SELECT);
+	if (SPI_processed == 1 &&
+		!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+									1, &isnull)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("backoff_cap must not be shorter than backoff_base"),
+				 errdetail("backoff_base would be %s and backoff_cap %s.",
+						   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2),
+						   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3))));
+}
+
 /*
  * Apply the settings to the named flow and return its new row as a datum in
  * the caller's context; NULL if there is no such flow.
@@ -104,9 +133,6 @@ update_flow(FunctionCallInfo fcinfo, bool *found)
 	char		nulls[FLOW_NARGS + 1];
 	HeapTuple	tup;
 	TupleDesc	desc;
-	bool		isnull;
-	Datum		base;
-	Datum		cap;
 
 	for (int i = 0; i < FLOW_NARGS; i++)
 	{
@@ -129,6 +155,8 @@ update_flow(FunctionCallInfo fcinfo, bool *found)
 				 " updated_at = now()"
 				 " WHERE name = $1 RETURNING *",
 				 FLOW_NARGS, argtypes);
+	if (!PG_ARGISNULL(2) || !PG_ARGISNULL(3))
+		check_backoff(fcinfo);
 	beat_execute(plan_flow_update, values, nulls, SPI_OK_UPDATE_RETURNING);
 	*found = SPI_processed > 0;
 	if (!*found)
@@ -136,16 +164,6 @@ update_flow(FunctionCallInfo fcinfo, bool *found)
 
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
-	base = SPI_getbinval(tup, desc, SPI_fnumber(desc, "backoff_base"), &isnull);
-	cap = SPI_getbinval(tup, desc, SPI_fnumber(desc, "backoff_cap"), &isnull);
-	if (DatumGetInt32(DirectFunctionCall2(interval_cmp, cap, base)) < 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("backoff_cap must not be shorter than backoff_base"),
-				 errdetail("backoff_base is %s and backoff_cap is %s.",
-						   SPI_getvalue(tup, desc, SPI_fnumber(desc, "backoff_base")),
-						   SPI_getvalue(tup, desc, SPI_fnumber(desc, "backoff_cap")))));
-
 	return PointerGetDatum(SPI_returntuple(tup, desc));
 }
 

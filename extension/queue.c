@@ -683,19 +683,27 @@ beat_claim(PG_FUNCTION_ARGS)
 				 4, argtypes);
 	beat_execute(plan_claim, values, nulls, SPI_OK_SELECT);
 	if (SPI_processed == 0)
-		require_flow(values[0]);	/* unknown flow raises; paused returns none */
+	{
+		/* an unknown flow raises; a paused or empty one returns no rows */
+		require_flow(values[0]);
+		beat_spi_finish();
+		return (Datum) 0;
+	}
 
 	natts = rsinfo->setDesc->natts;
 	if (SPI_tuptable->tupdesc->natts != natts)
 		elog(ERROR, "pg_beat: claim returned %d columns, expected %d",
 			 SPI_tuptable->tupdesc->natts, natts);
-	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		Datum	   *row = palloc(sizeof(Datum) * natts);
 		bool	   *rownulls = palloc(sizeof(bool) * natts);
 
-		heap_deform_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, row, rownulls);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, row, rownulls);
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			heap_deform_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+							  row, rownulls);
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, row, rownulls);
+		}
 	}
 	beat_spi_finish();
 	return (Datum) 0;
@@ -881,9 +889,12 @@ beat_fail(PG_FUNCTION_ARGS)
 	if (SPI_processed == 0)
 		report_not_held(PG_GETARG_INT64(0), worker);
 	state = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	/* a retry is work to come: wake the workers so they plan for it */
+	if (strcmp(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
+			   "failed") == 0)
+		beat_wake_at_commit();
 	beat_spi_finish();
 
-	beat_wake_at_commit();
 	PG_RETURN_DATUM(state);
 }
 

@@ -23,8 +23,9 @@ BEGIN
 END
 $roles$;
 
--- An admin can do what users and workers can.
-GRANT beat_user TO beat_admin;
+-- Each role can do what the one before it can: a worker enqueues follow-up
+-- work, an admin does everything.
+GRANT beat_user TO beat_worker;
 GRANT beat_worker TO beat_admin;
 
 -- The life of a task.  'failed' means "failed, will retry at run_at".

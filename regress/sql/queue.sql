@@ -1,0 +1,337 @@
+-- The queue API: enqueue, enqueue_batch, claim, complete, fail, heartbeat,
+-- cancel, requeue, reap, purge; every error path and its errcode.
+CREATE EXTENSION pg_beat;
+
+CREATE FUNCTION pg_temp.err(sql text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE sql;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE || ': ' || SQLERRM;
+END
+$$;
+
+SELECT count(*) FROM beat.create_flow('q', max_attempts => 3, backoff_base => '10 s',
+                                      backoff_cap => '35 s', lease => '1 min',
+                                      priority => 5);
+
+-- enqueue ---------------------------------------------------------------
+
+-- Defaults come from the flow; a correlation id is generated.
+SELECT beat.enqueue('q', '{"handle": "alice"}') AS a \gset
+SELECT flow, state, priority, attempts, max_attempts, params, result, last_error,
+       correlation_id IS NOT NULL AS has_correlation,
+       run_at <= now() AS due, created_at = updated_at AS fresh,
+       lease_owner, started_at, finished_at
+FROM beat.task WHERE id = :a;
+
+-- Every argument given.
+SELECT beat.enqueue('q', '{"handle": "bob"}', priority => -3,
+                    run_at => now() + interval '1 hour',
+                    idempotency_key => 'bob', max_attempts => 7,
+                    correlation_id => '00000000-0000-4000-8000-000000000001') AS b \gset
+SELECT priority, run_at > now() AS later, idempotency_key, max_attempts, correlation_id
+FROM beat.task WHERE id = :b;
+
+-- The params default is an empty object.
+SELECT beat.enqueue('q') AS e \gset
+SELECT params FROM beat.task WHERE id = :e;
+
+-- A live duplicate key returns the existing task; another flow is separate.
+SELECT beat.enqueue('q', '{"handle": "bob again"}', idempotency_key => 'bob') = :b AS same;
+SELECT count(*) FROM beat.create_flow('other');
+SELECT beat.enqueue('other', '{}', idempotency_key => 'bob') <> :b AS separate;
+
+-- Errors: nothing is written by any of them.
+SELECT count(*) AS before FROM beat.task \gset
+SELECT pg_temp.err($$SELECT beat.enqueue('nope', '{}')$$);
+SELECT pg_temp.err($$SELECT beat.enqueue(NULL, '{}')$$);
+SELECT pg_temp.err($$SELECT beat.enqueue('q', NULL)$$);
+SELECT pg_temp.err($$SELECT beat.enqueue('q', '[1, 2]')$$);
+SELECT pg_temp.err($$SELECT beat.enqueue('q', '"text"')$$);
+SELECT pg_temp.err($$SELECT beat.enqueue('q', '42')$$);
+SELECT pg_temp.err($$SELECT beat.enqueue('q', '{}', priority => 1001)$$);
+SELECT pg_temp.err($$SELECT beat.enqueue('q', '{}', priority => -1001)$$);
+SELECT pg_temp.err($$SELECT beat.enqueue('q', '{}', max_attempts => 0)$$);
+SELECT pg_temp.err($$SELECT beat.enqueue('q', '{}', run_at => 'infinity')$$);
+SELECT pg_temp.err($$SELECT beat.enqueue('q', '{}', idempotency_key => '')$$);
+SELECT pg_temp.err($$SELECT beat.enqueue('q', '{}', idempotency_key => repeat('k', 201))$$);
+SELECT count(*) = :before AS nothing_written FROM beat.task;
+
+-- The same errors read in full.
+SELECT beat.enqueue('nope', '{}');
+SELECT beat.enqueue('q', '[1, 2]');
+SELECT beat.enqueue('q', '{}', priority => 5000);
+
+-- Oversized params: the limit is beat.max_params_size.
+SET beat.max_params_size = 100;
+SELECT beat.enqueue('q', jsonb_build_object('blob', repeat('x', 200)));
+SELECT pg_temp.err($$SELECT beat.enqueue('q', jsonb_build_object('blob', repeat('x', 200)))$$);
+SELECT beat.enqueue('q', '{"small": true}') > 0 AS small_fits;
+RESET beat.max_params_size;
+SELECT count(*) = :before + 1 AS only_the_small_one FROM beat.task;
+
+-- enqueue_batch -----------------------------------------------------------
+
+TRUNCATE beat.task;
+
+-- Both forms; ids come back in input order.
+SELECT array_agg(id) AS ids
+FROM beat.enqueue_batch('q', ARRAY['{"n": 1}', '{"n": 2}', '{"n": 3}']::jsonb[]) AS id \gset
+SELECT t.params->>'n' AS n, t.id = (:'ids'::bigint[])[i] AS in_order
+FROM unnest(:'ids'::bigint[]) WITH ORDINALITY AS u(id, i) JOIN beat.task t USING (id)
+ORDER BY i;
+-- (A query sees rows its own functions insert only from the next statement.)
+CREATE TEMP TABLE b AS
+SELECT * FROM beat.enqueue_batch('q', '[{"n": 4}, {"n": 5}, {"n": 6}]'::jsonb)
+    WITH ORDINALITY AS u(id, i);
+SELECT array_agg(t.params->>'n' ORDER BY b.i) AS order_of_params
+FROM b JOIN beat.task t USING (id);
+
+-- Shared arguments apply to every task.
+TRUNCATE b;
+INSERT INTO b SELECT * FROM beat.enqueue_batch('q', '[{}, {}]'::jsonb, priority => 9,
+    max_attempts => 2, run_at => now() + interval '1 day') WITH ORDINALITY;
+SELECT count(*) FILTER (WHERE t.priority = 9 AND t.max_attempts = 2 AND t.run_at > now())
+FROM b JOIN beat.task t USING (id);
+
+-- An empty batch makes nothing (but still checks the flow).
+SELECT count(*) FROM beat.enqueue_batch('q', '{}'::jsonb[]);
+SELECT count(*) FROM beat.enqueue_batch('q', '[]'::jsonb);
+
+-- Keys: duplicates inside the batch and against live tasks map to one task.
+SELECT beat.enqueue('q', '{"k": "existing"}', idempotency_key => 'k0') AS k0 \gset
+TRUNCATE b;
+INSERT INTO b SELECT * FROM beat.enqueue_batch('q', '[{}, {}, {}, {}, {}]'::jsonb,
+    idempotency_keys => ARRAY['k0', 'k1', 'k1', NULL, NULL]) WITH ORDINALITY;
+SELECT b.i, b.id = :k0 AS is_existing, t.idempotency_key,
+       CASE WHEN t.idempotency_key IS NOT NULL
+            THEN b.id = first_value(b.id) OVER (PARTITION BY t.idempotency_key ORDER BY b.i)
+       END AS same_as_first
+FROM b JOIN beat.task t USING (id)
+ORDER BY b.i;
+-- The same batch again adds only the two unkeyed tasks.
+SELECT count(*) AS before FROM beat.task \gset
+SELECT count(DISTINCT id) AS distinct_ids
+FROM beat.enqueue_batch('q', '[{}, {}, {}, {}, {}]'::jsonb,
+                        idempotency_keys => ARRAY['k0', 'k1', 'k1', NULL, NULL]) AS id;
+SELECT count(*) - :before AS added FROM beat.task;
+
+-- Errors, all or nothing.
+SELECT count(*) AS before FROM beat.task \gset
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('nope', '[{}]'::jsonb)$$);
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('q', NULL::jsonb)$$);
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('q', '{"not": "an array"}'::jsonb)$$);
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('q', '[{}, 1, {}]'::jsonb)$$);
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('q', ARRAY['{}', NULL]::jsonb[])$$);
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('q', ARRAY['{}', '[]']::jsonb[])$$);
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('q', ARRAY[['{}'], ['{}']]::jsonb[])$$);
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('q', '[{}, {}]'::jsonb, idempotency_keys => ARRAY['a'])$$);
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('q', '[{}]'::jsonb, idempotency_keys => ARRAY[''])$$);
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('q', '[{}]'::jsonb, priority => 2000)$$);
+SELECT count(*) = :before AS nothing_written FROM beat.task;
+
+-- claim -----------------------------------------------------------------
+
+TRUNCATE beat.task;
+-- Claim order is priority, then run_at, then id; future tasks wait.
+SELECT beat.enqueue('q', '{"n": "p5-old"}', run_at => now() - interval '2 min') AS c1 \gset
+SELECT beat.enqueue('q', '{"n": "p5-new"}', run_at => now() - interval '1 min') AS c2 \gset
+SELECT beat.enqueue('q', '{"n": "p1"}', priority => 1) AS c3 \gset
+SELECT beat.enqueue('q', '{"n": "p5-same-time-a"}', run_at => now() - interval '1 min') AS c4 \gset
+SELECT beat.enqueue('q', '{"n": "p-9-future"}', priority => -9,
+                    run_at => now() + interval '1 hour') AS c5 \gset
+
+SELECT params->>'n' AS n, priority, attempt, max_attempts,
+       lease_expires_at > now() + interval '59 s' AS default_lease
+FROM beat.claim('q', 'w1', 3);
+SELECT id, state, lease_owner, attempts FROM beat.task WHERE state = 'running' ORDER BY id;
+SELECT params->>'n' AS n,
+       lease_expires_at < now() + interval '11 s' AS short_lease
+FROM beat.claim('q', 'w2', 10, lease => '10 s');
+-- Nothing is due now: the future task stays.
+SELECT count(*) FROM beat.claim('q', 'w2', 10);
+
+-- A paused flow hands out nothing.
+SELECT beat.enqueue('q', '{}') AS c6 \gset
+SELECT count(*) FROM beat.alter_flow('q', paused => true);
+SELECT count(*) AS claimed_while_paused FROM beat.claim('q', 'w1', 10);
+SELECT count(*) FROM beat.alter_flow('q', paused => false);
+SELECT count(*) AS claimed_after_resume FROM beat.claim('q', 'w1', 10);
+
+SELECT pg_temp.err($$SELECT beat.claim('nope', 'w')$$);
+SELECT pg_temp.err($$SELECT beat.claim(NULL, 'w')$$);
+SELECT pg_temp.err($$SELECT beat.claim('q', NULL)$$);
+SELECT pg_temp.err($$SELECT beat.claim('q', '')$$);
+SELECT pg_temp.err($$SELECT beat.claim('q', 'w', 0)$$);
+SELECT pg_temp.err($$SELECT beat.claim('q', 'w', -1)$$);
+SELECT pg_temp.err($$SELECT beat.claim('q', 'w', 10001)$$);
+SELECT pg_temp.err($$SELECT beat.claim('q', 'w', NULL)$$);
+SELECT pg_temp.err($$SELECT beat.claim('q', 'w', 1, '0')$$);
+SELECT pg_temp.err($$SELECT beat.claim('q', 'w', 1, '-1 s')$$);
+SELECT beat.claim('q', 'w', 0);
+
+-- complete --------------------------------------------------------------
+
+SELECT beat.complete(:c1, 'w1', '{"followers": 10}');
+SELECT state, result, lease_owner, lease_expires_at, finished_at IS NOT NULL AS finished
+FROM beat.task WHERE id = :c1;
+-- Completing what another worker holds, or what is finished, is refused.
+SELECT beat.complete(:c3, 'w2');
+SELECT beat.complete(:c1, 'w1');
+SELECT beat.complete(:c5, 'w1');
+SELECT beat.complete(-1, 'w1');
+SELECT pg_temp.err($$SELECT beat.complete(NULL, 'w1')$$);
+SELECT pg_temp.err($$SELECT beat.complete(1, NULL)$$);
+SELECT state, lease_owner FROM beat.task WHERE id = :c3;
+
+-- complete_batch: all held, or an error and nothing changed.
+SELECT beat.enqueue('q', '{}', priority => -100) AS d1 \gset
+SELECT beat.enqueue('q', '{}', priority => -100) AS d2 \gset
+SELECT count(*) FROM beat.claim('q', 'wb', 2);
+SELECT beat.complete_batch(ARRAY[:d1, :d2, :c3], 'wb');
+SELECT pg_temp.err(format('SELECT beat.complete_batch(ARRAY[%s, %s], %L, ARRAY[%L]::jsonb[])', :d1, :d2, 'wb', '{}'));
+SELECT pg_temp.err(format('SELECT beat.complete_batch(ARRAY[%s, %s], %L)', :d1, :d1, 'wb'));
+SELECT pg_temp.err($$SELECT beat.complete_batch(ARRAY[1, NULL]::bigint[], 'wb')$$);
+SELECT count(*) AS still_running FROM beat.task WHERE id IN (:d1, :d2) AND state = 'running';
+SELECT beat.complete_batch(ARRAY[:d1, :d2], 'wb', ARRAY['{"r": 1}', NULL]::jsonb[]);
+SELECT id = :d1 AS first, state, result FROM beat.task WHERE id IN (:d1, :d2) ORDER BY id;
+SELECT beat.complete_batch('{}', 'wb'), beat.complete_batch(NULL, 'wb');
+
+-- fail ------------------------------------------------------------------
+
+TRUNCATE beat.task;
+SELECT beat.enqueue('q', '{}') AS f1 \gset
+SELECT attempt FROM beat.claim('q', 'w', 1);
+-- First retry: full jitter in [0, base]; the state says it will retry.
+SELECT beat.fail(:f1, 'w', 'timeout');
+SELECT state, attempts, last_error, lease_owner,
+       run_at - updated_at BETWEEN interval '0' AND interval '10 s' AS within_backoff
+FROM beat.task WHERE id = :f1;
+-- Not due yet, so not claimable; once due it is claimed again.
+UPDATE beat.task SET run_at = now() WHERE id = :f1;
+SELECT attempt FROM beat.claim('q', 'w', 1);
+-- A provider's retry_after wins when it is longer than the backoff.
+SELECT beat.fail(:f1, 'w', '429', retry_after => '5 min');
+SELECT state, run_at - updated_at >= interval '5 min' AS waits_retry_after
+FROM beat.task WHERE id = :f1;
+UPDATE beat.task SET run_at = now() WHERE id = :f1;
+SELECT attempt FROM beat.claim('q', 'w', 1);
+-- Out of attempts: dead.
+SELECT beat.fail(:f1, 'w', 'still broken');
+SELECT state, attempts, last_error, finished_at IS NOT NULL AS finished
+FROM beat.task WHERE id = :f1;
+
+-- The backoff grows and is capped: 10 s, 20 s, then the 35 s cap.
+SELECT count(*) FROM beat.alter_flow('q', max_attempts => 10);
+SELECT beat.enqueue('q', '{}') AS f2 \gset
+CREATE TEMP TABLE delays (attempt int, delay interval);
+DO $$
+DECLARE
+    task bigint := (SELECT max(t.id) FROM beat.task t);
+    n int;
+BEGIN
+    FOR i IN 1..4 LOOP
+        SELECT attempt INTO n FROM beat.claim('q', 'w', 1);
+        PERFORM beat.fail(task, 'w', 'again');
+        INSERT INTO delays SELECT n, t.run_at - t.updated_at FROM beat.task t WHERE t.id = task;
+        UPDATE beat.task t SET run_at = now() WHERE t.id = task;
+    END LOOP;
+END
+$$;
+SELECT attempt,
+       delay >= '0' AND delay <= (CASE attempt WHEN 1 THEN '10 s' WHEN 2 THEN '20 s' ELSE '35 s' END)::interval AS within_cap
+FROM delays ORDER BY attempt;
+SELECT beat.cancel(:f2);
+
+-- permanent: dead at once, whatever attempts are left.
+SELECT beat.enqueue('q', '{}') AS f3 \gset
+SELECT count(*) FROM beat.claim('q', 'w', 1);
+SELECT beat.fail(:f3, 'w', 'HTTP 404', permanent => true);
+
+SELECT beat.enqueue('q', '{}') AS f4 \gset
+SELECT count(*) FROM beat.claim('q', 'w', 1);
+SELECT pg_temp.err(format('SELECT beat.fail(%s, %L, NULL)', :f4, 'w'));
+SELECT pg_temp.err(format('SELECT beat.fail(%s, %L, %L, %L)', :f4, 'w', 'x', '-1 s'));
+SELECT beat.fail(:f4, 'other', 'not mine');
+SELECT beat.fail(:f3, 'w', 'again');
+SELECT state FROM beat.task WHERE id = :f4;
+
+-- heartbeat -------------------------------------------------------------
+
+SELECT beat.heartbeat(:f4, 'w', '2 hours') > now() + interval '119 min' AS extended;
+SELECT lease_expires_at > now() + interval '119 min' AS stored FROM beat.task WHERE id = :f4;
+SELECT beat.heartbeat(:f4, 'w') < now() + interval '61 s' AS flow_default;
+SELECT beat.heartbeat(:f4, 'other');
+SELECT pg_temp.err(format('SELECT beat.heartbeat(%s, %L, %L)', :f4, 'w', '0'));
+
+-- cancel and requeue ----------------------------------------------------
+
+-- Cancelling a running task takes the lease away from its worker.
+SELECT beat.cancel(:f4);
+SELECT state, lease_owner FROM beat.task WHERE id = :f4;
+SELECT beat.complete(:f4, 'w');
+SELECT beat.cancel(:f4);
+SELECT beat.cancel(-1);
+SELECT beat.enqueue('q', '{}') AS g1 \gset
+SELECT beat.cancel(:g1);
+
+-- requeue: dead or cancelled back to pending with fresh attempts.
+SELECT beat.requeue(:f3);
+SELECT state, attempts, finished_at, last_error FROM beat.task WHERE id = :f3;
+SELECT beat.requeue(:f3);
+SELECT beat.requeue(-1);
+-- A live task with the same key blocks it.
+SELECT beat.enqueue('q', '{}', idempotency_key => 'once') AS h1 \gset
+SELECT beat.cancel(:h1);
+SELECT beat.enqueue('q', '{}', idempotency_key => 'once') <> :h1 AS key_free_after_cancel;
+SELECT beat.requeue(:h1);
+
+-- reap ------------------------------------------------------------------
+
+TRUNCATE beat.task;
+SELECT count(*) FROM beat.alter_flow('q', max_attempts => 2);
+SELECT beat.enqueue('q', '{}') AS r1 \gset
+SELECT beat.enqueue('q', '{}') AS r2 \gset
+SELECT beat.enqueue('q', '{}') AS r3 \gset
+-- r1 and r2 get a lease that expires at once; r3 keeps a long one.
+SELECT count(*) FROM beat.claim('q', 'gone', 2, lease => '1 ms');
+SELECT count(*) FROM beat.claim('q', 'alive', 1, lease => '1 hour');
+-- r2 is on its last attempt: its expiry makes it dead.
+UPDATE beat.task SET attempts = 2 WHERE id = :r2;
+SELECT pg_sleep(0.05);
+SELECT * FROM beat.reap();
+SELECT id = :r1 AS r1, state, attempts, lease_owner, last_error
+FROM beat.task ORDER BY id;
+SELECT * FROM beat.reap();
+-- The old owner cannot complete what was reaped.
+SELECT beat.complete(:r1, 'gone');
+
+-- purge -----------------------------------------------------------------
+
+TRUNCATE beat.task;
+SELECT count(*) FROM beat.alter_flow('q', retention => '1 hour');
+SELECT count(*) FROM beat.enqueue_batch('q', '[{}, {}, {}, {}]'::jsonb);
+SELECT count(*) FROM beat.claim('q', 'w', 3);
+SELECT beat.complete(id, 'w') FROM beat.task WHERE state = 'running' AND id = (SELECT min(id) FROM beat.task);
+SELECT beat.fail(id, 'w', 'x', permanent => true) FROM beat.task WHERE state = 'running' AND id = (SELECT min(id) FROM beat.task WHERE state = 'running');
+SELECT beat.cancel(id) FROM beat.task WHERE state = 'running';
+-- Within retention: kept.  Past it: deleted, and only finished tasks go.
+SELECT beat.purge();
+UPDATE beat.task SET finished_at = now() - interval '2 hours' WHERE finished_at IS NOT NULL;
+SELECT beat.purge();
+SELECT state, count(*) FROM beat.task GROUP BY state;
+SELECT beat.purge('0');
+SELECT pg_temp.err($$SELECT beat.purge('-1 s')$$);
+
+-- queue_stats -----------------------------------------------------------
+
+TRUNCATE beat.task;
+SELECT count(*) FROM beat.enqueue_batch('q', '[{}, {}, {}]'::jsonb);
+SELECT count(*) FROM beat.enqueue_batch('q', '[{}]'::jsonb, run_at => now() + interval '1 day');
+SELECT count(*) FROM beat.claim('q', 'w', 1);
+SELECT flow, paused, pending, running, failed, succeeded, dead, cancelled,
+       oldest_due_age >= '0' AS has_due
+FROM beat.queue_stats ORDER BY flow;
+
+DROP EXTENSION pg_beat;
