@@ -9,6 +9,13 @@ PG_CPPFLAGS = -I$(CURDIR)/extension -DPG_BEAT_VERSION=\"$(EXTVERSION)\"
 SHLIB_LINK  = -lcurl -ljansson
 EXTRA_CLEAN = regress/results regress/output_iso regress/tmp_check regress/log
 
+# `make installcheck` runs the same pg_regress and isolation suites as
+# `make test`, against a running server that preloads pg_beat.
+REGRESS        = $(sort $(basename $(notdir $(wildcard regress/sql/*.sql))))
+REGRESS_OPTS   = --inputdir=regress
+ISOLATION      = $(sort $(basename $(notdir $(wildcard regress/specs/*.spec))))
+ISOLATION_OPTS = --inputdir=regress
+
 PG_CONFIG  ?= pg_config
 PGXS       := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
