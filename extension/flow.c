@@ -19,6 +19,7 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "commands/trigger.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
@@ -29,12 +30,25 @@
 PG_FUNCTION_INFO_V1(beat_create_flow);
 PG_FUNCTION_INFO_V1(beat_alter_flow);
 PG_FUNCTION_INFO_V1(beat_drop_flow);
+PG_FUNCTION_INFO_V1(beat_pause);
+PG_FUNCTION_INFO_V1(beat_resume);
+PG_FUNCTION_INFO_V1(beat_flow_changed);
 
-#define FLOW_NARGS 10
+#define FLOW_NARGS 15
+
+/*
+ * Is setting argument i given?  A server may run this library with the
+ * SQL definitions of an older version (before ALTER EXTENSION UPDATE),
+ * which pass fewer arguments: those not passed count as NULL.
+ */
+#define ARG_GIVEN(i) (PG_NARGS() > (i) && !PG_ARGISNULL(i))
 
 static SPIPlanPtr plan_flow_insert = NULL;
 static SPIPlanPtr plan_flow_update = NULL;
+static SPIPlanPtr plan_flow_update_v1 = NULL;
 static SPIPlanPtr plan_flow_backoff = NULL;
+static SPIPlanPtr plan_check_request = NULL;
+static SPIPlanPtr plan_flow_pause = NULL;
 static SPIPlanPtr plan_flow_lock = NULL;
 static SPIPlanPtr plan_flow_live = NULL;
 static SPIPlanPtr plan_flow_delete_tasks = NULL;
@@ -73,23 +87,84 @@ check_flow_name(FunctionCallInfo fcinfo)
 static void
 check_flow_settings(FunctionCallInfo fcinfo)
 {
-	if (!PG_ARGISNULL(1))
+	if (ARG_GIVEN(1))
 		beat_check_range(PG_GETARG_INT32(1), 1, BEAT_MAX_ATTEMPTS_MAX, "max_attempts");
-	if (!PG_ARGISNULL(2))
+	if (ARG_GIVEN(2))
 		beat_check_interval(PG_GETARG_INTERVAL_P(2), "backoff_base", false);
-	if (!PG_ARGISNULL(3))
+	if (ARG_GIVEN(3))
 		beat_check_interval(PG_GETARG_INTERVAL_P(3), "backoff_cap", false);
-	if (!PG_ARGISNULL(4))
+	if (ARG_GIVEN(4))
 		beat_check_interval(PG_GETARG_INTERVAL_P(4), "lease", false);
-	if (!PG_ARGISNULL(5))
+	if (ARG_GIVEN(5))
 		beat_check_range(PG_GETARG_INT32(5), BEAT_PRIORITY_MIN, BEAT_PRIORITY_MAX,
 						 "priority");
-	if (!PG_ARGISNULL(6))
+	if (ARG_GIVEN(6))
 		beat_check_interval(PG_GETARG_INTERVAL_P(6), "retention", true);
-	if (!PG_ARGISNULL(7))
+	if (ARG_GIVEN(7))
 		beat_check_range(PG_GETARG_INT32(7), 0, 64, "workers");
-	if (!PG_ARGISNULL(8))
+	if (ARG_GIVEN(8))
 		beat_check_range(PG_GETARG_INT32(8), 1, 1024, "concurrency");
+	if (ARG_GIVEN(11))
+	{
+		Interval	hour;
+
+		beat_check_interval(PG_GETARG_INTERVAL_P(11), "timeout", false);
+		memset(&hour, 0, sizeof(hour));
+		hour.time = USECS_PER_HOUR;
+		if (DatumGetInt32(DirectFunctionCall2(interval_cmp, PG_GETARG_DATUM(11),
+											  IntervalPGetDatum(&hour))) > 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("timeout must be at most 1 hour")));
+	}
+	if (ARG_GIVEN(14))
+		beat_check_range(PG_GETARG_INT32(14), 0, 50, "max_redirects");
+}
+
+/*
+ * Check a request template: an object with a "url" (http or https) and
+ * optional "method", "query" and "headers" (objects of scalars) and "body".
+ * Runs inside SPI.
+ */
+static void
+check_request(Datum request)
+{
+	Oid			argtypes[1] = {JSONBOID};
+	bool		isnull;
+	Datum		problem;
+
+	beat_prepare(&plan_check_request,
+				 "SELECT CASE"
+				 " WHEN jsonb_typeof($1) <> 'object'"
+				 "   THEN 'request must be a JSON object'"
+				 " WHEN EXISTS (SELECT FROM jsonb_object_keys($1) k"
+				 "   WHERE k NOT IN ('method', 'url', 'query', 'headers', 'body'))"
+				 "   THEN 'request has an unknown key; the keys are method, url, query, headers and body'"
+				 " WHEN jsonb_typeof($1->'url') IS DISTINCT FROM 'string'"
+				 "   THEN 'request.url must be a string'"
+				 " WHEN $1->>'url' !~* '^https?://[^/?#{}]'"
+				 "   THEN 'request.url must start with http:// or https:// and a host'"
+				 " WHEN $1 ? 'method' AND (jsonb_typeof($1->'method') <> 'string'"
+				 "   OR $1->>'method' NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE', 'HEAD'))"
+				 "   THEN 'request.method must be one of GET, POST, PUT, PATCH, DELETE, HEAD'"
+				 " WHEN $1 ? 'query' AND (jsonb_typeof($1->'query') <> 'object'"
+				 "   OR EXISTS (SELECT FROM jsonb_each($1->'query') e"
+				 "     WHERE jsonb_typeof(e.value) NOT IN ('string', 'number', 'boolean')))"
+				 "   THEN 'request.query must be an object of strings, numbers or booleans'"
+				 " WHEN $1 ? 'headers' AND (jsonb_typeof($1->'headers') <> 'object'"
+				 "   OR EXISTS (SELECT FROM jsonb_each($1->'headers') e"
+				 "     WHERE jsonb_typeof(e.value) NOT IN ('string', 'number', 'boolean')"
+				 "        OR e.key !~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]+$'))"
+				 "   THEN 'request.headers must be an object of header names and scalar values'"
+				 " END",
+				 1, argtypes);
+	beat_execute(plan_check_request, &request, " ", SPI_OK_SELECT);
+	problem = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (!isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s", TextDatumGetCString(problem)),
+				 errhint("A request looks like {\"method\": \"GET\", \"url\": \"https://api.example.com/users/{{handle}}\", \"headers\": {\"Accept\": \"application/json\"}}.")));
 }
 
 /* Refuse a backoff_cap shorter than backoff_base, given or current. */
@@ -128,36 +203,65 @@ static Datum
 update_flow(FunctionCallInfo fcinfo, bool *found)
 {
 	Oid			argtypes[FLOW_NARGS] = {TEXTOID, INT4OID, INTERVALOID, INTERVALOID,
-		INTERVALOID, INT4OID, INTERVALOID, INT4OID, INT4OID, BOOLOID};
+		INTERVALOID, INT4OID, INTERVALOID, INT4OID, INT4OID, BOOLOID,
+	JSONBOID, INTERVALOID, INT4MULTIRANGEOID, INT4MULTIRANGEOID, INT4OID};
 	Datum		values[FLOW_NARGS];
 	char		nulls[FLOW_NARGS + 1];
 	HeapTuple	tup;
 	TupleDesc	desc;
+	SPIPlanPtr	plan;
 
 	for (int i = 0; i < FLOW_NARGS; i++)
 	{
-		values[i] = PG_GETARG_DATUM(i);
-		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
+		values[i] = ARG_GIVEN(i) ? PG_GETARG_DATUM(i) : (Datum) 0;
+		nulls[i] = ARG_GIVEN(i) ? ' ' : 'n';
 	}
 	nulls[FLOW_NARGS] = '\0';
+	if (ARG_GIVEN(10))
+		check_request(values[10]);
 
-	beat_prepare(&plan_flow_update,
-				 "UPDATE beat.flow SET"
-				 " max_attempts = coalesce($2, max_attempts),"
-				 " backoff_base = coalesce($3, backoff_base),"
-				 " backoff_cap = coalesce($4, backoff_cap),"
-				 " lease = coalesce($5, lease),"
-				 " priority = coalesce($6, priority),"
-				 " retention = coalesce($7, retention),"
-				 " workers = coalesce($8, workers),"
-				 " concurrency = coalesce($9, concurrency),"
-				 " paused = coalesce($10, paused),"
-				 " updated_at = now()"
-				 " WHERE name = $1 RETURNING *",
-				 FLOW_NARGS, argtypes);
-	if (!PG_ARGISNULL(2) || !PG_ARGISNULL(3))
+	if (PG_NARGS() < FLOW_NARGS)
+	{
+		/* the 0.1.0 definition: its table has none of the request settings */
+		beat_prepare(&plan_flow_update_v1,
+					 "UPDATE beat.flow SET"
+					 " max_attempts = coalesce($2, max_attempts),"
+					 " backoff_base = coalesce($3, backoff_base),"
+					 " backoff_cap = coalesce($4, backoff_cap),"
+					 " lease = coalesce($5, lease),"
+					 " priority = coalesce($6, priority),"
+					 " retention = coalesce($7, retention),"
+					 " workers = coalesce($8, workers),"
+					 " concurrency = coalesce($9, concurrency),"
+					 " paused = coalesce($10, paused),"
+					 " updated_at = now()"
+					 " WHERE name = $1 RETURNING *",
+					 10, argtypes);
+		plan = plan_flow_update_v1;
+	}
+	else
+		plan = beat_prepare(&plan_flow_update,
+							"UPDATE beat.flow SET"
+							" max_attempts = coalesce($2, max_attempts),"
+							" backoff_base = coalesce($3, backoff_base),"
+							" backoff_cap = coalesce($4, backoff_cap),"
+							" lease = coalesce($5, lease),"
+							" priority = coalesce($6, priority),"
+							" retention = coalesce($7, retention),"
+							" workers = coalesce($8, workers),"
+							" concurrency = coalesce($9, concurrency),"
+							" paused = coalesce($10, paused),"
+							" request = coalesce($11, request),"
+							" timeout = coalesce($12, timeout),"
+							" ok_statuses = coalesce($13, ok_statuses),"
+							" retry_statuses = coalesce($14, retry_statuses),"
+							" max_redirects = coalesce($15, max_redirects),"
+							" updated_at = now()"
+							" WHERE name = $1 RETURNING *",
+				 			FLOW_NARGS, argtypes);
+	if (ARG_GIVEN(2) || ARG_GIVEN(3))
 		check_backoff(fcinfo);
-	beat_execute(plan_flow_update, values, nulls, SPI_OK_UPDATE_RETURNING);
+	beat_execute(plan, values, nulls, SPI_OK_UPDATE_RETURNING);
 	*found = SPI_processed > 0;
 	if (!*found)
 		return (Datum) 0;
@@ -250,7 +354,7 @@ beat_drop_flow(PG_FUNCTION_ARGS)
 
 	beat_prepare(&plan_flow_live,
 				 "SELECT count(*) FROM beat.task WHERE flow = $1"
-				 " AND state IN ('pending', 'running', 'failed')",
+				 " AND state IN " LIVE_STATES,
 				 1, argtypes);
 	beat_execute(plan_flow_live, &v, " ", SPI_OK_SELECT);
 	live = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
@@ -274,4 +378,50 @@ beat_drop_flow(PG_FUNCTION_ARGS)
 	beat_spi_finish();
 
 	PG_RETURN_INT64(deleted);
+}
+
+/* Set a flow's paused flag; raise if there is no such flow. */
+static void
+set_paused(Datum flow, bool paused)
+{
+	Oid			argtypes[2] = {TEXTOID, BOOLOID};
+	Datum		values[2] = {flow, BoolGetDatum(paused)};
+
+	beat_spi_connect();
+	beat_prepare(&plan_flow_pause,
+				 "UPDATE beat.flow SET paused = $2, updated_at = now()"
+				 " WHERE name = $1",
+				 2, argtypes);
+	beat_execute(plan_flow_pause, values, "  ", SPI_OK_UPDATE);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("flow \"%s\" does not exist", TextDatumGetCString(flow))));
+	beat_spi_finish();
+}
+
+/* beat.pause(flow): claims of the flow return nothing until resumed. */
+Datum
+beat_pause(PG_FUNCTION_ARGS)
+{
+	set_paused(PG_GETARG_DATUM(0), true);
+	PG_RETURN_VOID();
+}
+
+/* beat.resume(flow): the flow's tasks are handed out again. */
+Datum
+beat_resume(PG_FUNCTION_ARGS)
+{
+	set_paused(PG_GETARG_DATUM(0), false);
+	PG_RETURN_VOID();
+}
+
+/* Trigger on beat.flow: wake the launcher and the workers at commit. */
+Datum
+beat_flow_changed(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "pg_beat: beat_flow_changed must be called as a trigger");
+	beat_wake_launcher_at_commit();
+	return PointerGetDatum(NULL);
 }

@@ -8,13 +8,17 @@
  * shmem_startup_hook, each chained to whatever was installed before).
  *
  * Wake-up protocol.  A function that makes work available (beat.enqueue and
- * friends) calls beat_wake_at_commit(), which only notes the request in
- * backend-local state.  The transaction callback acts on it after the commit
- * is visible to other backends (XACT_EVENT_COMMIT runs after the proc array
- * is updated), so a woken worker always finds the new rows.  An abort, of
- * the transaction or of the subtransaction that made the request, drops it:
- * a rollback never wakes anyone.  A prepared transaction does not carry the
- * request to COMMIT PREPARED; workers find such tasks on their next pass.
+ * friends) calls beat_wake_at_commit(flow), which only notes the request in
+ * backend-local state; a change to beat.flow calls
+ * beat_wake_launcher_at_commit().  The transaction callback acts on them
+ * after the commit is visible to other backends (XACT_EVENT_COMMIT runs
+ * after the proc array is updated), so a woken process always finds the new
+ * rows: it sets the latches of that flow's workers (or of the launcher).  An
+ * abort, of the transaction or of the subtransaction that made the request,
+ * drops it: a rollback never wakes anyone.  A prepared transaction does not
+ * carry the request to COMMIT PREPARED; workers find such tasks when they
+ * next wake (at the latest after beat.reaper_interval, when the launcher
+ * reaps).
  *
  *-------------------------------------------------------------------------
  */
@@ -25,6 +29,7 @@
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/shmem.h"
+#include "storage/spin.h"
 #include "utils/guc.h"
 
 #include "pg_beat.h"
@@ -34,8 +39,22 @@ PG_MODULE_MAGIC;
 /* GUC variables */
 char	   *beat_database_name = NULL;
 int			beat_max_params_size = 1024 * 1024;
+int			beat_max_workers = 32;
+int			beat_max_response_size = 10 * 1024 * 1024;
+int			beat_http_log_retention = 86400;
+int			beat_reaper_interval = 1000;
+int			beat_shutdown_grace = 2000;
+char	   *beat_log_redact_params = NULL;
 
 BeatShared *beat_shared = NULL;
+
+/*
+ * Postmaster memory survives a crash restart, shared memory does not: the
+ * postmaster counts restarts that come less than a minute apart, so that
+ * the launcher can wait before starting workers that may crash again.
+ */
+static TimestampTz last_shmem_init = 0;
+static int	quick_restarts = 0;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -43,9 +62,15 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 /*
  * The outermost transaction nesting level that asked for a wake-up in the
  * current transaction, or 0 when none did.  Requests made deeper than this
- * level are implied by it; see beat_subxact_callback.
+ * level are implied by it; see beat_subxact_callback.  What to wake: the
+ * flows named (all flows once more than WAKE_FLOWS_MAX are), the launcher.
  */
+#define WAKE_FLOWS_MAX 8
 static int	wake_nest_level = 0;
+static int	wake_nflows = 0;
+static bool wake_all_flows = false;
+static bool wake_launcher = false;
+static char wake_flows[WAKE_FLOWS_MAX][NAMEDATALEN];
 
 void		_PG_init(void);
 static void beat_shmem_request(void);
@@ -86,6 +111,60 @@ _PG_init(void)
 							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);
 
+	DefineCustomIntVariable("beat.max_workers",
+							"Most flow worker processes pg_beat runs at once.",
+							"Sizes shared memory; each also needs a max_worker_processes slot.",
+							&beat_max_workers,
+							32, 1, 1024,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("beat.max_response_size",
+							"Largest HTTP response body a worker accepts.",
+							"A larger response fails its task permanently.",
+							&beat_max_response_size,
+							10 * 1024 * 1024, 1024, 1024 * 1024 * 1024,
+							PGC_SIGHUP,
+							GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("beat.http_log_retention",
+							"How long rows of beat.http_log are kept.",
+							"The launcher deletes older rows; 0 keeps none.",
+							&beat_http_log_retention,
+							86400, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("beat.reaper_interval",
+							"How often the launcher returns expired leases.",
+							NULL,
+							&beat_reaper_interval,
+							1000, 10, 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("beat.shutdown_grace",
+							"How long a stopping worker waits for transfers in flight.",
+							"What is still in flight then is handed back to pending.",
+							&beat_shutdown_grace,
+							2000, 0, 60000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("beat.log_redact_params",
+							   "Query parameters whose values beat.http_log hides.",
+							   "A comma-separated list of names, compared without case.",
+							   &beat_log_redact_params,
+							   "key,api_key,apikey,token,access_token,secret,client_secret,password,signature,sig,auth",
+							   PGC_SIGHUP,
+							   0,
+							   NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("beat");
 
 	prev_shmem_request_hook = shmem_request_hook;
@@ -95,6 +174,16 @@ _PG_init(void)
 
 	RegisterXactCallback(beat_xact_callback, NULL);
 	RegisterSubXactCallback(beat_subxact_callback, NULL);
+
+	beat_register_launcher();
+}
+
+/* Shared memory for the state and one slot per possible worker. */
+static Size
+beat_shmem_size(void)
+{
+	return add_size(offsetof(BeatShared, workers),
+					mul_size(beat_max_workers, sizeof(BeatWorkerSlot)));
 }
 
 /* Ask the postmaster for our shared memory and our lock. */
@@ -104,7 +193,7 @@ beat_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 
-	RequestAddinShmemSpace(MAXALIGN(sizeof(BeatShared)));
+	RequestAddinShmemSpace(MAXALIGN(beat_shmem_size()));
 	RequestNamedLWLockTranche("pg_beat", 1);
 }
 
@@ -118,18 +207,36 @@ beat_shmem_startup(void)
 		prev_shmem_startup_hook();
 
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	beat_shared = ShmemInitStruct("pg_beat", sizeof(BeatShared), &found);
+	beat_shared = ShmemInitStruct("pg_beat", beat_shmem_size(), &found);
 	if (!found)
 	{
+		memset(beat_shared, 0, beat_shmem_size());
 		beat_shared->lock = &(GetNamedLWLockTranche("pg_beat"))->lock;
 		pg_atomic_init_u64(&beat_shared->wakeups, 0);
+		pg_atomic_init_u32(&beat_shared->flow_generation, 0);
+		pg_atomic_init_u32(&beat_shared->draining, 0);
+		beat_shared->max_workers = beat_max_workers;
+		if (!IsUnderPostmaster)
+		{
+			TimestampTz now = GetCurrentTimestamp();
+
+			if (last_shmem_init != 0 &&
+				!TimestampDifferenceExceeds(last_shmem_init, now, 60000))
+				quick_restarts++;
+			else
+				quick_restarts = 0;
+			last_shmem_init = now;
+			beat_shared->quick_restarts = quick_restarts;
+		}
+		for (int i = 0; i < beat_max_workers; i++)
+			SpinLockInit(&beat_shared->workers[i].mutex);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
 
-/* Note that the workers should be woken if this transaction commits. */
-void
-beat_wake_at_commit(void)
+/* Remember that a wake-up was asked for at the current nesting level. */
+static void
+note_wake_level(void)
 {
 	int			level = GetCurrentTransactionNestLevel();
 
@@ -137,7 +244,59 @@ beat_wake_at_commit(void)
 		wake_nest_level = level;
 }
 
-/* Wake the workers after a commit that asked for it; forget on abort. */
+/* Forget every wake-up request of the transaction. */
+static void
+forget_wakes(void)
+{
+	wake_nest_level = 0;
+	wake_nflows = 0;
+	wake_all_flows = false;
+	wake_launcher = false;
+}
+
+/* Note that flow's workers (all workers when flow is NULL) should be woken. */
+void
+beat_wake_at_commit(const char *flow)
+{
+	note_wake_level();
+	if (wake_all_flows)
+		return;
+	if (flow == NULL || wake_nflows == WAKE_FLOWS_MAX)
+	{
+		wake_all_flows = true;
+		return;
+	}
+	for (int i = 0; i < wake_nflows; i++)
+		if (strcmp(wake_flows[i], flow) == 0)
+			return;
+	strlcpy(wake_flows[wake_nflows++], flow, NAMEDATALEN);
+}
+
+/* Note that the launcher should look at the flows again. */
+void
+beat_wake_launcher_at_commit(void)
+{
+	note_wake_level();
+	wake_launcher = true;
+}
+
+/* Set the latches of the running workers of flow (of all, when NULL). */
+void
+beat_set_worker_latches(const char *flow)
+{
+	LWLockAcquire(beat_shared->lock, LW_SHARED);
+	for (int i = 0; i < beat_shared->max_workers; i++)
+	{
+		BeatWorkerSlot *slot = &beat_shared->workers[i];
+
+		if (slot->latch != NULL &&
+			(flow == NULL || strcmp(slot->flow, flow) == 0))
+			SetLatch(slot->latch);
+	}
+	LWLockRelease(beat_shared->lock);
+}
+
+/* Act on the wake-up requests after a commit; forget them on abort. */
 static void
 beat_xact_callback(XactEvent event, void *arg)
 {
@@ -145,12 +304,30 @@ beat_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 			if (wake_nest_level > 0 && beat_shared != NULL)
-				pg_atomic_fetch_add_u64(&beat_shared->wakeups, 1);
-			wake_nest_level = 0;
+			{
+				if (wake_launcher)
+				{
+					pg_atomic_fetch_add_u32(&beat_shared->flow_generation, 1);
+					LWLockAcquire(beat_shared->lock, LW_SHARED);
+					if (beat_shared->launcher_latch != NULL)
+						SetLatch(beat_shared->launcher_latch);
+					LWLockRelease(beat_shared->lock);
+					/* workers reread their flow when they wake */
+					beat_set_worker_latches(NULL);
+				}
+				if (wake_all_flows)
+					beat_set_worker_latches(NULL);
+				else
+					for (int i = 0; i < wake_nflows; i++)
+						beat_set_worker_latches(wake_flows[i]);
+				if (wake_all_flows || wake_nflows > 0)
+					pg_atomic_fetch_add_u64(&beat_shared->wakeups, 1);
+			}
+			forget_wakes();
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
-			wake_nest_level = 0;
+			forget_wakes();
 			break;
 		default:
 			break;
@@ -175,7 +352,7 @@ beat_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 	if (event == SUBXACT_EVENT_COMMIT_SUB && wake_nest_level == level)
 		wake_nest_level = level - 1;
 	else if (event == SUBXACT_EVENT_ABORT_SUB && wake_nest_level >= level)
-		wake_nest_level = 0;
+		forget_wakes();
 }
 
 /* beat.wakeups(): committed transactions that signalled the workers. */

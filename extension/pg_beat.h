@@ -18,13 +18,63 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "port/atomics.h"
+#include "utils/timestamp.h"
+#include "storage/latch.h"
 #include "storage/lwlock.h"
+#include "storage/s_lock.h"
 
-/* The state every pg_beat process shares. */
+/* What a worker slot is doing; shown by beat.worker_status. */
+typedef enum BeatSlotState
+{
+	BEAT_SLOT_FREE = 0,			/* unused */
+	BEAT_SLOT_STARTING,			/* registered by the launcher, not yet running */
+	BEAT_SLOT_IDLE,				/* running, nothing in flight */
+	BEAT_SLOT_BUSY,				/* running, transfers in flight */
+	BEAT_SLOT_STOPPING			/* asked to stop: handing back what it holds */
+} BeatSlotState;
+
+/*
+ * One flow worker.  The launcher fills flow, index and generation and sets
+ * the state to STARTING, under BeatShared->lock held exclusively; the worker
+ * sets pid and latch when it starts and frees the slot when it exits, also
+ * under the exclusive lock.  The counters are written by the worker alone
+ * and read by anyone, under the slot's spinlock.
+ */
+typedef struct BeatWorkerSlot
+{
+	BeatSlotState state;
+	int			index;			/* which of the flow's workers (0-based) */
+	uint32		generation;		/* launcher generation that started it */
+	pid_t		pid;
+	Latch	   *latch;
+	char		flow[NAMEDATALEN];
+
+	slock_t		mutex;			/* guards the fields below */
+	int			in_flight;
+	uint64		done;
+	uint64		failed;
+	TimestampTz started_at;
+	TimestampTz last_activity;
+} BeatWorkerSlot;
+
+/*
+ * The state every pg_beat process shares.  The counters are atomics; the
+ * launcher fields and the slots are guarded by lock (shared to read,
+ * exclusive to change), except where BeatWorkerSlot says otherwise.
+ */
 typedef struct BeatShared
 {
-	LWLock	   *lock;			/* guards anything that is not an atomic */
+	LWLock	   *lock;
 	pg_atomic_uint64 wakeups;	/* committed transactions that woke workers */
+	pg_atomic_uint32 flow_generation;	/* bumped by every committed flow change */
+	pg_atomic_uint32 draining;	/* beat.drain(): workers claim nothing */
+	uint32		launcher_generation;	/* bumped by each launcher start */
+	pid_t		launcher_pid;
+	Latch	   *launcher_latch;
+	TimestampTz launcher_started_at;
+	int			quick_restarts;	/* crash restarts in a row, each < 1 min apart */
+	int			max_workers;
+	BeatWorkerSlot workers[FLEXIBLE_ARRAY_MEMBER];
 } BeatShared;
 
 extern BeatShared *beat_shared;
@@ -32,9 +82,23 @@ extern BeatShared *beat_shared;
 /* GUCs */
 extern char *beat_database_name;
 extern int	beat_max_params_size;
+extern int	beat_max_workers;
+extern int	beat_max_response_size;
+extern int	beat_http_log_retention;
+extern int	beat_reaper_interval;
+extern int	beat_shutdown_grace;
+extern char *beat_log_redact_params;
 
-/* pg_beat.c: ask for the workers to be woken when this transaction commits */
-extern void beat_wake_at_commit(void);
+/* pg_beat.c: wake the workers of flow (NULL: all flows) when this commits */
+extern void beat_wake_at_commit(const char *flow);
+extern void beat_wake_launcher_at_commit(void);
+extern void beat_set_worker_latches(const char *flow);
+
+/* bgworker/launcher.c and bgworker/worker.c: the processes' entry points */
+extern PGDLLEXPORT void beat_launcher_main(Datum arg);
+extern PGDLLEXPORT void beat_worker_main(Datum arg);
+extern void beat_register_launcher(void);
+extern char *beat_worker_name(const char *flow, int index, int pid);
 
 /* util.c: saved plans and argument checks */
 extern SPIPlanPtr beat_prepare(SPIPlanPtr *cache, const char *sql,
@@ -47,6 +111,24 @@ extern void beat_require(FunctionCallInfo fcinfo, int argno, const char *name);
 extern char *beat_check_name(text *t, const char *what);
 extern void beat_check_interval(Interval *iv, const char *what, bool zero_ok);
 extern void beat_check_range(int64 value, int64 lo, int64 hi, const char *what);
+
+/* The states in which a task still has work ahead of it, and the final ones. */
+#define LIVE_STATES "('pending', 'scheduled', 'running', 'failed')"
+#define DONE_STATES "('succeeded', 'dead', 'cancelled')"
+
+/*
+ * The retry delay in SQL, over beat.task t and beat.flow f: full jitter,
+ * a uniform random time between zero and min(cap, base * 2^(attempts - 1)),
+ * or the provider's retry_after when that is longer.  The exponent stops at
+ * 40, long past any sane cap.
+ */
+#define BACKOFF_SQL(retry_after) \
+	"greatest(coalesce(" retry_after ", interval '0')," \
+	" random() * least(f.backoff_cap," \
+	"   f.backoff_base * power(2, least(t.attempts - 1, 40))))"
+
+/* queue.c: make the flow's due scheduled and failed tasks pending */
+extern void promote_due(Datum flow);
 
 /* Limits that the SQL API checks and documents. */
 #define BEAT_PRIORITY_MIN		(-1000)

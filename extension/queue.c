@@ -45,9 +45,6 @@ PG_FUNCTION_INFO_V1(beat_requeue);
 PG_FUNCTION_INFO_V1(beat_reap);
 PG_FUNCTION_INFO_V1(beat_purge);
 
-/* The states in which a task still has work ahead of it. */
-#define LIVE_STATES "('pending', 'running', 'failed')"
-#define DONE_STATES "('succeeded', 'dead', 'cancelled')"
 #define IDEMPOTENCY_ARBITER \
 	"ON CONFLICT (flow, idempotency_key) " \
 	"WHERE idempotency_key IS NOT NULL AND state IN " LIVE_STATES " DO NOTHING "
@@ -60,6 +57,11 @@ PG_FUNCTION_INFO_V1(beat_purge);
  */
 #define FLOW_LOCK " FOR KEY SHARE OF f"
 
+/* A new task is pending, or scheduled when its run_at is still to come. */
+#define INITIAL_STATE(run_at) \
+	"CASE WHEN " run_at " > now() THEN 'scheduled'::beat.task_state" \
+	" ELSE 'pending'::beat.task_state END"
+
 /* How often an idempotent enqueue retries when the duplicate it hit vanished. */
 #define IDEMPOTENCY_RETRIES 100
 
@@ -67,6 +69,7 @@ PG_FUNCTION_INFO_V1(beat_purge);
 typedef struct EnqueueArgs
 {
 	text	   *flow;
+	char	   *flow_name;
 	Datum		priority;
 	bool		priority_null;
 	Datum		run_at;
@@ -82,6 +85,7 @@ static SPIPlanPtr plan_find_live = NULL;
 static SPIPlanPtr plan_flow_exists = NULL;
 static SPIPlanPtr plan_batch[2][2];	/* [keyed][locks the flow row] */
 static SPIPlanPtr plan_find_live_many = NULL;
+static SPIPlanPtr plan_promote = NULL;
 static SPIPlanPtr plan_claim = NULL;
 static SPIPlanPtr plan_complete = NULL;
 static SPIPlanPtr plan_complete_batch = NULL;
@@ -99,6 +103,7 @@ read_enqueue_args(FunctionCallInfo fcinfo, EnqueueArgs *a)
 {
 	beat_require(fcinfo, 0, "flow");
 	a->flow = PG_GETARG_TEXT_PP(0);
+	a->flow_name = text_to_cstring(a->flow);
 
 	a->priority_null = PG_ARGISNULL(2);
 	a->priority = PG_GETARG_DATUM(2);
@@ -216,9 +221,10 @@ insert_one(EnqueueArgs *a, Jsonb *params, text *key)
 	nulls[6] = a->max_attempts_null ? 'n' : ' ';
 
 #define ENQUEUE_SQL(lock, extra) \
-	"INSERT INTO beat.task (flow, params, priority, run_at, idempotency_key," \
+	"INSERT INTO beat.task (flow, state, params, priority, run_at, idempotency_key," \
 	" correlation_id, max_attempts)" \
-	" SELECT f.name, $2, coalesce($3, f.priority), coalesce($4, now()), $5," \
+	" SELECT f.name, " INITIAL_STATE("$4") ", $2, coalesce($3, f.priority)," \
+	" coalesce($4, now()), $5," \
 	" coalesce($6, gen_random_uuid()), coalesce($7, f.max_attempts)" \
 	" FROM beat.flow f WHERE f.name = $1" lock " " extra "RETURNING id"
 
@@ -255,7 +261,7 @@ enqueue_keyed(EnqueueArgs *a, Jsonb *params, text *key)
 
 		if (id != 0)
 		{
-			beat_wake_at_commit();
+			beat_wake_at_commit(a->flow_name);
 			return id;
 		}
 		require_flow(PointerGetDatum(a->flow));
@@ -298,7 +304,7 @@ beat_enqueue(PG_FUNCTION_ARGS)
 		id = insert_one(&a, params, NULL);
 		if (id == 0)
 			require_flow(PointerGetDatum(a.flow));	/* raises */
-		beat_wake_at_commit();
+		beat_wake_at_commit(a.flow_name);
 	}
 	beat_spi_finish();
 
@@ -409,9 +415,10 @@ same_text(Datum a, Datum b)
 }
 
 #define BATCH_SQL(keycol, keyarg, extra, cols, lock) \
-	"INSERT INTO beat.task (flow, params, priority, run_at, correlation_id," \
+	"INSERT INTO beat.task (flow, state, params, priority, run_at, correlation_id," \
 	" max_attempts" keycol ")" \
-	" SELECT f.name, u.p, coalesce($3, f.priority), coalesce($4, now())," \
+	" SELECT f.name, " INITIAL_STATE("$4") ", u.p, coalesce($3, f.priority)," \
+	" coalesce($4, now())," \
 	" coalesce($5, gen_random_uuid()), coalesce($6, f.max_attempts)" keyarg \
 	" FROM beat.flow f, unnest($2" extra ") WITH ORDINALITY AS u(" cols ")" \
 	" WHERE f.name = $1 ORDER BY u.ord" lock " "
@@ -484,7 +491,7 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 		for (int i = 0; i < count; i++)
 			ids[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
 												 SPI_tuptable->tupdesc, 1, &isnull));
-		beat_wake_at_commit();
+		beat_wake_at_commit(a.flow_name);
 	}
 	else
 	{
@@ -515,7 +522,7 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 		if (nret == 0)
 			require_flow(values[0]);
 		if (nret > 0)
-			beat_wake_at_commit();
+			beat_wake_at_commit(a.flow_name);
 
 		for (int i = 0; i < count; i++)
 		{
@@ -633,6 +640,26 @@ report_not_held(int64 task_id, const char *worker)
 			 errdetail("The task is %s.", state)));
 }
 
+/*
+ * Make the flow's scheduled and failed tasks whose run_at has come pending,
+ * so that claim finds them.  Rows another session is promoting or
+ * cancelling right now are skipped, not waited for.
+ */
+void
+promote_due(Datum flow)
+{
+	Oid			argtypes[1] = {TEXTOID};
+
+	beat_prepare(&plan_promote,
+				 "UPDATE beat.task SET state = 'pending', updated_at = statement_timestamp()"
+				 " WHERE id IN (SELECT id FROM beat.task"
+				 "   WHERE flow = $1 AND state IN ('scheduled', 'failed')"
+				 "     AND run_at <= statement_timestamp()"
+				 "   FOR UPDATE SKIP LOCKED)",
+				 1, argtypes);
+	beat_execute(plan_promote, &flow, " ", SPI_OK_UPDATE);
+}
+
 /* beat.claim(flow, worker, max_tasks, lease): lease due tasks in claim order. */
 Datum
 beat_claim(PG_FUNCTION_ARGS)
@@ -660,11 +687,11 @@ beat_claim(PG_FUNCTION_ARGS)
 	nulls[3] = PG_ARGISNULL(3) ? 'n' : ' ';
 
 	beat_spi_connect();
+	promote_due(values[0]);
 	beat_prepare(&plan_claim,
 				 "WITH c AS ("
 				 "  SELECT t.id FROM beat.task t"
-				 "  WHERE t.flow = $1 AND t.state IN ('pending', 'failed')"
-				 "    AND t.run_at <= statement_timestamp()"
+				 "  WHERE t.flow = $1 AND t.state = 'pending'"
 				 "    AND EXISTS (SELECT FROM beat.flow f WHERE f.name = $1 AND NOT f.paused)"
 				 "  ORDER BY t.priority, t.run_at, t.id"
 				 "  LIMIT $3"
@@ -862,20 +889,13 @@ beat_fail(PG_FUNCTION_ARGS)
 	nulls[3] = PG_ARGISNULL(3) ? 'n' : ' ';
 	values[4] = PG_ARGISNULL(4) ? BoolGetDatum(false) : PG_GETARG_DATUM(4);
 
-	/*
-	 * Full jitter: a retry waits a uniform random time between zero and
-	 * min(cap, base * 2^(attempts - 1)); a provider's retry_after wins when
-	 * it is longer.  The exponent stops at 40, long past any sane cap.
-	 */
 	beat_spi_connect();
 	beat_prepare(&plan_fail,
 				 "UPDATE beat.task t SET"
 				 " state = CASE WHEN $5 OR t.attempts >= t.max_attempts"
 				 "   THEN 'dead'::beat.task_state ELSE 'failed'::beat.task_state END,"
 				 " run_at = CASE WHEN $5 OR t.attempts >= t.max_attempts THEN t.run_at"
-				 "   ELSE statement_timestamp() + greatest(coalesce($4, interval '0'),"
-				 "     random() * least(f.backoff_cap,"
-				 "       f.backoff_base * power(2, least(t.attempts - 1, 40)))) END,"
+				 "   ELSE statement_timestamp() + " BACKOFF_SQL("$4") " END,"
 				 " finished_at = CASE WHEN $5 OR t.attempts >= t.max_attempts"
 				 "   THEN statement_timestamp() END,"
 				 " last_error = $3, lease_owner = NULL, lease_expires_at = NULL,"
@@ -883,7 +903,7 @@ beat_fail(PG_FUNCTION_ARGS)
 				 " FROM beat.flow f"
 				 " WHERE f.name = t.flow AND t.id = $1 AND t.state = 'running'"
 				 "   AND t.lease_owner = $2"
-				 " RETURNING t.state",
+				 " RETURNING t.state, t.flow",
 				 5, argtypes);
 	beat_execute(plan_fail, values, nulls, SPI_OK_UPDATE_RETURNING);
 	if (SPI_processed == 0)
@@ -892,7 +912,7 @@ beat_fail(PG_FUNCTION_ARGS)
 	/* a retry is work to come: wake the workers so they plan for it */
 	if (strcmp(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
 			   "failed") == 0)
-		beat_wake_at_commit();
+		beat_wake_at_commit(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2));
 	beat_spi_finish();
 
 	PG_RETURN_DATUM(state);
@@ -985,7 +1005,7 @@ beat_cancel(PG_FUNCTION_ARGS)
 		char	   *state;
 
 		report_state(PG_GETARG_INT64(0), "cancel", "cancelled",
-					 "pending, running or failed", &state);
+					 "pending, scheduled, running or failed", &state);
 		elog(ERROR, "pg_beat: task " INT64_FORMAT " is %s but was not cancelled",
 			 PG_GETARG_INT64(0), state);
 	}
@@ -1008,9 +1028,10 @@ beat_requeue(PG_FUNCTION_ARGS)
 				 " WHERE t.id = $1 AND t.state IN ('dead', 'cancelled')"
 				 "   AND NOT EXISTS (SELECT FROM beat.task d WHERE d.flow = t.flow"
 				 "     AND d.idempotency_key = t.idempotency_key"
-				 "     AND d.state IN " LIVE_STATES ")",
+				 "     AND d.state IN " LIVE_STATES ")"
+				 " RETURNING t.flow",
 				 1, argtypes);
-	beat_execute(plan_requeue, &v, " ", SPI_OK_UPDATE);
+	beat_execute(plan_requeue, &v, " ", SPI_OK_UPDATE_RETURNING);
 	if (SPI_processed == 0)
 	{
 		char	   *state;
@@ -1023,8 +1044,8 @@ beat_requeue(PG_FUNCTION_ARGS)
 				 errmsg("cannot requeue task " INT64_FORMAT, PG_GETARG_INT64(0)),
 				 errdetail("A live task of the same flow has the same idempotency key.")));
 	}
+	beat_wake_at_commit(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1));
 	beat_spi_finish();
-	beat_wake_at_commit();
 	PG_RETURN_VOID();
 }
 
@@ -1066,7 +1087,7 @@ beat_reap(PG_FUNCTION_ARGS)
 	beat_spi_finish();
 
 	if (DatumGetInt64(values[0]) > 0)
-		beat_wake_at_commit();
+		beat_wake_at_commit(NULL);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 

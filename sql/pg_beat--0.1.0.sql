@@ -28,9 +28,10 @@ $roles$;
 GRANT beat_user TO beat_worker;
 GRANT beat_worker TO beat_admin;
 
--- The life of a task.  'failed' means "failed, will retry at run_at".
+-- The life of a task.  'scheduled' waits for a future run_at; 'failed'
+-- means "failed, will retry at run_at".  Both become 'pending' when due.
 CREATE TYPE beat.task_state AS ENUM (
-    'pending', 'running', 'succeeded', 'failed', 'dead', 'cancelled'
+    'pending', 'scheduled', 'running', 'succeeded', 'failed', 'dead', 'cancelled'
 );
 
 -- A named kind of work and the defaults its tasks take.
@@ -94,13 +95,21 @@ CREATE TABLE beat.task (
 
 COMMENT ON TABLE beat.task IS 'One unit of work: its state, attempts, lease, params and result.';
 
--- The claim query walks this index in claim order; finished rows are not in it.
+-- The claim query walks this index in claim order.  Only due tasks are in
+-- it, so a claim stops after the rows it takes, however many wait for later.
 CREATE INDEX task_claim_idx ON beat.task (flow, priority, run_at, id)
-    WHERE state IN ('pending', 'failed');
+    WHERE state = 'pending';
+
+-- Tasks waiting for their run_at (scheduled, or failed and due to retry):
+-- claim promotes the due ones to pending, and a worker with nothing to do
+-- sleeps until the first one here.
+CREATE INDEX task_waiting_idx ON beat.task (flow, run_at)
+    WHERE state IN ('scheduled', 'failed');
 
 -- Idempotency: one live task per (flow, key).
 CREATE UNIQUE INDEX task_idempotency_idx ON beat.task (flow, idempotency_key)
-    WHERE idempotency_key IS NOT NULL AND state IN ('pending', 'running', 'failed');
+    WHERE idempotency_key IS NOT NULL
+      AND state IN ('pending', 'scheduled', 'running', 'failed');
 
 -- The reaper finds expired leases here.
 CREATE INDEX task_lease_idx ON beat.task (lease_expires_at)
@@ -282,12 +291,13 @@ CREATE VIEW beat.queue_stats AS
 SELECT f.name AS flow,
        f.paused,
        count(*) FILTER (WHERE t.state = 'pending')    AS pending,
+       count(*) FILTER (WHERE t.state = 'scheduled')  AS scheduled,
        count(*) FILTER (WHERE t.state = 'running')    AS running,
        count(*) FILTER (WHERE t.state = 'failed')     AS failed,
        count(*) FILTER (WHERE t.state = 'succeeded')  AS succeeded,
        count(*) FILTER (WHERE t.state = 'dead')       AS dead,
        count(*) FILTER (WHERE t.state = 'cancelled')  AS cancelled,
-       now() - min(t.run_at) FILTER (WHERE t.state IN ('pending', 'failed')
+       now() - min(t.run_at) FILTER (WHERE t.state IN ('pending', 'scheduled', 'failed')
                                        AND t.run_at <= now()) AS oldest_due_age
 FROM beat.flow f
 LEFT JOIN beat.task t ON t.flow = f.name

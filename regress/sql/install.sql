@@ -42,3 +42,16 @@ SELECT count(*) AS roles_left FROM pg_roles WHERE rolname LIKE 'beat\_%';
 CREATE EXTENSION pg_beat;
 SELECT count(*) AS flows FROM beat.flow;
 DROP EXTENSION pg_beat;
+
+-- The upgrade path: 0.1.0, with a flow and a task, updated to 0.2.0.
+CREATE EXTENSION pg_beat VERSION '0.1.0';
+SELECT count(*) FROM beat.create_flow('kept', max_attempts => 3);
+SELECT beat.enqueue('kept', '{"survives": true}') AS kept_task \gset
+ALTER EXTENSION pg_beat UPDATE;
+SELECT extversion FROM pg_extension WHERE extname = 'pg_beat';
+SELECT name, max_attempts, request, timeout, ok_statuses, retry_statuses, max_redirects
+FROM beat.flow;
+SELECT params FROM beat.task WHERE id = :kept_task;
+SELECT count(*) AS objects FROM pg_depend
+WHERE refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_beat') AND deptype = 'e';
+DROP EXTENSION pg_beat;

@@ -30,7 +30,7 @@ SELECT beat.enqueue('q', '{"handle": "bob"}', priority => -3,
                     run_at => now() + interval '1 hour',
                     idempotency_key => 'bob', max_attempts => 7,
                     correlation_id => '00000000-0000-4000-8000-000000000001') AS b \gset
-SELECT priority, run_at > now() AS later, idempotency_key, max_attempts, correlation_id
+SELECT state, priority, run_at > now() AS later, idempotency_key, max_attempts, correlation_id
 FROM beat.task WHERE id = :b;
 
 -- The params default is an empty object.
@@ -149,8 +149,12 @@ SELECT id, state, lease_owner, attempts FROM beat.task WHERE state = 'running' O
 SELECT params->>'n' AS n,
        lease_expires_at < now() + interval '11 s' AS short_lease
 FROM beat.claim('q', 'w2', 10, lease => '10 s');
--- Nothing is due now: the future task stays.
+-- Nothing is due now: the future task stays scheduled ...
 SELECT count(*) FROM beat.claim('q', 'w2', 10);
+SELECT state FROM beat.task WHERE id = :c5;
+-- ... until its time comes: then claim promotes it and takes it first.
+UPDATE beat.task SET run_at = now() - interval '1 s' WHERE id = :c5;
+SELECT params->>'n' AS n, priority FROM beat.claim('q', 'w2', 10);
 
 -- A paused flow hands out nothing.
 SELECT beat.enqueue('q', '{}') AS c6 \gset
@@ -330,7 +334,7 @@ TRUNCATE beat.task;
 SELECT count(*) FROM beat.enqueue_batch('q', '[{}, {}, {}]'::jsonb);
 SELECT count(*) FROM beat.enqueue_batch('q', '[{}]'::jsonb, run_at => now() + interval '1 day');
 SELECT count(*) FROM beat.claim('q', 'w', 1);
-SELECT flow, paused, pending, running, failed, succeeded, dead, cancelled,
+SELECT flow, paused, pending, scheduled, running, failed, succeeded, dead, cancelled,
        oldest_due_age >= '0' AS has_due
 FROM beat.queue_stats ORDER BY flow;
 

@@ -1,0 +1,582 @@
+/*-------------------------------------------------------------------------
+ *
+ * launcher.c
+ *		The pg_beat launcher: one background worker, registered at preload,
+ *		that runs the flow workers and the reaper.
+ *
+ * Each pass, in this order: reread the configuration if asked; in one
+ * transaction, check that pg_beat is installed in beat.database_name, hand
+ * back the leases of workers that no longer exist (all of them the first
+ * time, after a server start or crash), read which flows want workers, reap
+ * expired leases when beat.reaper_interval has passed and apply retention
+ * once a minute; then start the workers that are missing, stop those no
+ * longer wanted, and sleep on the latch until the next timer.  A commit that
+ * changes beat.flow sets the latch (see pg_beat.c), and so does the
+ * postmaster when a worker we started stops (bgw_notify_pid).
+ *
+ * Slots in BeatShared->workers are filled here under the exclusive lock;
+ * a worker frees its own slot when it exits.  A worker that crashed leaves
+ * its slot behind; we free it when GetBackgroundWorkerPid() says STOPPED,
+ * hand its leases back at once, and start a new one after a backoff that
+ * doubles with each crash (1 s to 1 min).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/spin.h"
+#include "tcop/tcopprot.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#include "pg_beat.h"
+
+/* What the launcher knows of each slot it started (process-local). */
+typedef struct LauncherSlot
+{
+	BackgroundWorkerHandle *handle;
+	pid_t		pid;			/* last pid seen running, 0 if none */
+	int			crashes;		/* unexpected stops in a row */
+	TimestampTz started_at;
+} LauncherSlot;
+
+/* A flow that wants workers, and when each index may be started again. */
+typedef struct WantedFlow
+{
+	char		name[NAMEDATALEN];
+	int			workers;
+} WantedFlow;
+
+#define PURGE_INTERVAL_MS	60000
+#define NOT_INSTALLED_SLEEP_MS 10000
+#define MAX_RESTART_DELAY_MS 60000
+
+static LauncherSlot *local_slots;
+static TimestampTz *restart_after;	/* per slot index of a wanted worker */
+static uint32 my_generation;
+
+static SPIPlanPtr plan_installed = NULL;
+static SPIPlanPtr plan_release = NULL;
+static SPIPlanPtr plan_orphans = NULL;
+static SPIPlanPtr plan_wanted = NULL;
+
+/* Register the launcher; called from _PG_init while preloading. */
+void
+beat_register_launcher(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	snprintf(worker.bgw_name, BGW_MAXLEN, "pg_beat launcher");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "pg_beat launcher");
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "pg_beat");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "beat_launcher_main");
+	RegisterBackgroundWorker(&worker);
+}
+
+/* The lease owner name of a worker: pg_beat:<flow>:<index>:<pid>. */
+char *
+beat_worker_name(const char *flow, int index, int pid)
+{
+	return psprintf("pg_beat:%s:%d:%d", flow, index, pid);
+}
+
+/* Leave the launcher's place in shared memory when we exit. */
+static void
+launcher_detach(int code, Datum arg)
+{
+	LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
+	if (beat_shared->launcher_pid == MyProcPid)
+	{
+		beat_shared->launcher_pid = 0;
+		beat_shared->launcher_latch = NULL;
+	}
+	LWLockRelease(beat_shared->lock);
+}
+
+/* Is pg_beat (0.2.0 or later) installed in this database?  Inside SPI. */
+static bool
+extension_installed(void)
+{
+	bool		isnull;
+
+	beat_prepare(&plan_installed,
+				 "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_beat')"
+				 " AND pg_catalog.to_regclass('beat.http_log') IS NOT NULL",
+				 0, NULL);
+	beat_execute(plan_installed, NULL, NULL, SPI_OK_SELECT);
+	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * Hand back the leases of one worker that is gone: pending again, or dead
+ * if that was the last attempt (the attempt counts: the task may be what
+ * killed it).  Inside SPI; returns how many.
+ */
+static uint64
+release_leases(const char *owner)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		v = CStringGetTextDatum(owner);
+
+	beat_prepare(&plan_release,
+				 "UPDATE beat.task SET"
+				 " state = CASE WHEN attempts >= max_attempts"
+				 "   THEN 'dead'::beat.task_state ELSE 'pending'::beat.task_state END,"
+				 " finished_at = CASE WHEN attempts >= max_attempts"
+				 "   THEN statement_timestamp() END,"
+				 " last_error = 'worker ' || lease_owner || ' stopped while it held the task',"
+				 " lease_owner = NULL, lease_expires_at = NULL,"
+				 " updated_at = statement_timestamp()"
+				 " WHERE state = 'running' AND lease_owner = $1",
+				 1, argtypes);
+	beat_execute(plan_release, &v, " ", SPI_OK_UPDATE);
+	return SPI_processed;
+}
+
+/*
+ * At launcher start: hand back every lease of an in-database worker that
+ * is not running now (after a restart or a crash, that is all of them).
+ */
+static void
+recover_orphans(void)
+{
+	Datum	   *live;
+	int			nlive = 0;
+	Oid			argtypes[1] = {TEXTARRAYOID};
+	Datum		v;
+
+	live = palloc(sizeof(Datum) * Max(beat_shared->max_workers, 1));
+	LWLockAcquire(beat_shared->lock, LW_SHARED);
+	for (int i = 0; i < beat_shared->max_workers; i++)
+	{
+		BeatWorkerSlot *slot = &beat_shared->workers[i];
+
+		if (slot->state != BEAT_SLOT_FREE && slot->pid != 0)
+			live[nlive++] = CStringGetTextDatum(beat_worker_name(slot->flow, slot->index,
+																 slot->pid));
+	}
+	LWLockRelease(beat_shared->lock);
+	v = PointerGetDatum(construct_array(live, nlive, TEXTOID, -1, false, TYPALIGN_INT));
+
+	beat_prepare(&plan_orphans,
+				 "UPDATE beat.task SET"
+				 " state = CASE WHEN attempts >= max_attempts"
+				 "   THEN 'dead'::beat.task_state ELSE 'pending'::beat.task_state END,"
+				 " finished_at = CASE WHEN attempts >= max_attempts"
+				 "   THEN statement_timestamp() END,"
+				 " last_error = 'worker ' || lease_owner || ' stopped while it held the task',"
+				 " lease_owner = NULL, lease_expires_at = NULL,"
+				 " updated_at = statement_timestamp()"
+				 " WHERE state = 'running' AND starts_with(lease_owner, 'pg_beat:')"
+				 "   AND lease_owner <> ALL ($1)",
+				 1, argtypes);
+	beat_execute(plan_orphans, &v, " ", SPI_OK_UPDATE);
+	if (SPI_processed > 0)
+		ereport(LOG,
+				(errmsg("pg_beat: handed back " UINT64_FORMAT " tasks held by workers of a previous run",
+						SPI_processed)));
+}
+
+/* Read the flows that want workers.  Inside SPI; returns the count. */
+static int
+read_wanted(WantedFlow **out)
+{
+	WantedFlow *wanted;
+	bool		isnull;
+
+	beat_prepare(&plan_wanted,
+				 "SELECT name, workers FROM beat.flow"
+				 " WHERE request IS NOT NULL AND workers > 0 ORDER BY name",
+				 0, NULL);
+	beat_execute(plan_wanted, NULL, NULL, SPI_OK_SELECT);
+	wanted = palloc0(sizeof(WantedFlow) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+
+		strlcpy(wanted[i].name,
+				TextDatumGetCString(SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull)),
+				NAMEDATALEN);
+		wanted[i].workers = DatumGetInt32(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2,
+														&isnull));
+	}
+	*out = wanted;
+	return (int) SPI_processed;
+}
+
+/* Is (flow, index) wanted? */
+static bool
+is_wanted(WantedFlow *wanted, int nwanted, const char *flow, int index)
+{
+	for (int i = 0; i < nwanted; i++)
+		if (strcmp(wanted[i].name, flow) == 0)
+			return index < wanted[i].workers;
+	return false;
+}
+
+/* Find the slot running (flow, index) for this launcher, or -1. */
+static int
+find_slot(const char *flow, int index)
+{
+	for (int i = 0; i < beat_shared->max_workers; i++)
+	{
+		BeatWorkerSlot *slot = &beat_shared->workers[i];
+
+		if (slot->state != BEAT_SLOT_FREE && slot->generation == my_generation &&
+			slot->index == index && strcmp(slot->flow, flow) == 0)
+			return i;
+	}
+	return -1;
+}
+
+/* Start the worker for (flow, index) in a free slot; false if none could be. */
+static bool
+start_worker(const char *flow, int index)
+{
+	BackgroundWorker worker;
+	int			n = -1;
+
+	LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < beat_shared->max_workers; i++)
+		if (beat_shared->workers[i].state == BEAT_SLOT_FREE)
+		{
+			n = i;
+			break;
+		}
+	if (n >= 0)
+	{
+		BeatWorkerSlot *slot = &beat_shared->workers[n];
+
+		slot->state = BEAT_SLOT_STARTING;
+		slot->index = index;
+		slot->generation = my_generation;
+		slot->pid = 0;
+		slot->latch = NULL;
+		strlcpy(slot->flow, flow, NAMEDATALEN);
+		SpinLockAcquire(&slot->mutex);
+		slot->in_flight = 0;
+		slot->done = 0;
+		slot->failed = 0;
+		slot->started_at = GetCurrentTimestamp();
+		slot->last_activity = slot->started_at;
+		SpinLockRelease(&slot->mutex);
+	}
+	LWLockRelease(beat_shared->lock);
+
+	if (n < 0)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("pg_beat: no free worker slot for flow \"%s\"", flow),
+				 errhint("Raise beat.max_workers (and max_worker_processes), or lower the workers of your flows.")));
+		return false;
+	}
+
+	memset(&worker, 0, sizeof(worker));
+	snprintf(worker.bgw_name, BGW_MAXLEN, "pg_beat worker %s/%d", flow, index);
+	snprintf(worker.bgw_type, BGW_MAXLEN, "pg_beat worker");
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "pg_beat");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "beat_worker_main");
+	worker.bgw_main_arg = Int32GetDatum(n);
+	worker.bgw_notify_pid = MyProcPid;
+
+	if (!RegisterDynamicBackgroundWorker(&worker, &local_slots[n].handle))
+	{
+		LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
+		beat_shared->workers[n].state = BEAT_SLOT_FREE;
+		LWLockRelease(beat_shared->lock);
+		local_slots[n].handle = NULL;
+		ereport(WARNING,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("pg_beat: could not start a worker for flow \"%s\"", flow),
+				 errhint("Raise max_worker_processes: each pg_beat worker takes one.")));
+		return false;
+	}
+	local_slots[n].pid = 0;
+	local_slots[n].started_at = GetCurrentTimestamp();
+	return true;
+}
+
+/*
+ * Look at every slot we started: note the pid of those running, and for
+ * those that stopped, free the slot and (inside SPI) hand back their leases.
+ * Returns true if any stopped.
+ */
+static bool
+collect_stopped(void)
+{
+	bool		any = false;
+
+	for (int i = 0; i < beat_shared->max_workers; i++)
+	{
+		LauncherSlot *ls = &local_slots[i];
+		pid_t		pid;
+		BgwHandleStatus status;
+		char		flow[NAMEDATALEN];
+		int			index;
+
+		if (ls->handle == NULL)
+			continue;
+		status = GetBackgroundWorkerPid(ls->handle, &pid);
+		if (status == BGWH_STARTED)
+		{
+			ls->pid = pid;
+			continue;
+		}
+		if (status != BGWH_STOPPED)
+			continue;			/* not yet started */
+
+		LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
+		strlcpy(flow, beat_shared->workers[i].flow, NAMEDATALEN);
+		index = beat_shared->workers[i].index;
+		beat_shared->workers[i].state = BEAT_SLOT_FREE;
+		beat_shared->workers[i].pid = 0;
+		beat_shared->workers[i].latch = NULL;
+		LWLockRelease(beat_shared->lock);
+
+		if (ls->pid != 0)
+		{
+			uint64		n = release_leases(beat_worker_name(flow, index, ls->pid));
+
+			if (n > 0)
+				ereport(LOG,
+						(errmsg("pg_beat: worker %d of flow \"%s\" stopped; handed back " UINT64_FORMAT " tasks",
+								(int) ls->pid, flow, n)));
+		}
+		pfree(ls->handle);
+		ls->handle = NULL;
+		ls->pid = 0;
+
+		/* a worker that ran for a minute starts afresh; else back off */
+		if (TimestampDifferenceExceeds(ls->started_at, GetCurrentTimestamp(), 60000))
+			ls->crashes = 0;
+		else
+			ls->crashes++;
+		restart_after[i] = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   Min(MAX_RESTART_DELAY_MS,
+														   ls->crashes == 0 ? 0 :
+														   1000 << Min(ls->crashes - 1, 6)));
+		any = true;
+	}
+	return any;
+}
+
+/*
+ * Make the running workers match the wanted ones: stop the extra, start
+ * the missing (after their restart backoff).  Returns the time of the next
+ * restart it is waiting for, or 0.
+ */
+static TimestampTz
+reconcile(WantedFlow *wanted, int nwanted)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz next = 0;
+	TimestampTz earliest_restart = 0;
+
+	/* stop what is no longer wanted */
+	for (int i = 0; i < beat_shared->max_workers; i++)
+	{
+		BeatWorkerSlot *slot = &beat_shared->workers[i];
+
+		if (local_slots[i].handle == NULL || slot->state == BEAT_SLOT_FREE)
+			continue;
+		if (!is_wanted(wanted, nwanted, slot->flow, slot->index))
+			TerminateBackgroundWorker(local_slots[i].handle);
+	}
+
+	/*
+	 * Start what is missing.  The backoff is kept per slot number, so use
+	 * the latest restart time of any stopped slot as a floor for new starts.
+	 */
+	for (int i = 0; i < beat_shared->max_workers; i++)
+		if (local_slots[i].handle == NULL && restart_after[i] > earliest_restart)
+			earliest_restart = restart_after[i];
+
+	for (int f = 0; f < nwanted; f++)
+	{
+		for (int index = 0; index < wanted[f].workers; index++)
+		{
+			if (find_slot(wanted[f].name, index) >= 0)
+				continue;
+			if (earliest_restart > now)
+			{
+				if (next == 0 || earliest_restart < next)
+					next = earliest_restart;
+				continue;
+			}
+			if (!start_worker(wanted[f].name, index))
+			{
+				TimestampTz retry = TimestampTzPlusMilliseconds(now, 10000);
+
+				if (next == 0 || retry < next)
+					next = retry;
+				return next;
+			}
+		}
+	}
+	return next;
+}
+
+/* Stop every worker this launcher started. */
+static void
+stop_all(void)
+{
+	for (int i = 0; i < beat_shared->max_workers; i++)
+		if (local_slots[i].handle != NULL)
+			TerminateBackgroundWorker(local_slots[i].handle);
+}
+
+/* Entry point of the launcher. */
+void
+beat_launcher_main(Datum arg)
+{
+	MemoryContext pass_ctx;
+	bool		recovered = false;
+	TimestampTz next_reap = 0;
+	TimestampTz next_purge = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+
+	local_slots = MemoryContextAllocZero(TopMemoryContext,
+										 sizeof(LauncherSlot) * beat_shared->max_workers);
+	restart_after = MemoryContextAllocZero(TopMemoryContext,
+										   sizeof(TimestampTz) * beat_shared->max_workers);
+
+	LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
+	my_generation = ++beat_shared->launcher_generation;
+	beat_shared->launcher_pid = MyProcPid;
+	beat_shared->launcher_latch = MyLatch;
+	beat_shared->launcher_started_at = GetCurrentTimestamp();
+	LWLockRelease(beat_shared->lock);
+	/* so that no one sets the latch of a process that has gone */
+	before_shmem_exit(launcher_detach, 0);
+
+	/* workers of an earlier launcher see the new generation and stop */
+	beat_set_worker_latches(NULL);
+
+	/*
+	 * After crash restarts in quick succession, a worker may be what keeps
+	 * crashing the server: wait 2^n seconds (at most 5 minutes) first.
+	 */
+	if (beat_shared->quick_restarts > 0)
+	{
+		int			delay = 1000 << Min(beat_shared->quick_restarts, 8);
+
+		delay = Min(delay, 300000);
+		ereport(LOG,
+				(errmsg("pg_beat: the server restarted after a crash %d times in a row; starting workers in %d s",
+						beat_shared->quick_restarts, delay / 1000)));
+		for (int i = 0; i < beat_shared->max_workers; i++)
+			restart_after[i] = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay);
+	}
+
+	BackgroundWorkerInitializeConnection(beat_database_name, NULL, 0);
+	pgstat_report_appname("pg_beat launcher");
+
+	pass_ctx = AllocSetContextCreate(TopMemoryContext, "pg_beat launcher pass",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	while (!ShutdownRequestPending)
+	{
+		TimestampTz now;
+		TimestampTz wake;
+		long		timeout;
+		bool		installed = false;
+		WantedFlow *wanted = NULL;
+		int			nwanted = 0;
+		TimestampTz next_restart;
+
+		MemoryContextReset(pass_ctx);
+		MemoryContextSwitchTo(pass_ctx);
+
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		now = GetCurrentTimestamp();
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		beat_spi_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pgstat_report_activity(STATE_RUNNING, "pg_beat launcher pass");
+
+		installed = extension_installed();
+		if (installed)
+		{
+			if (!recovered)
+			{
+				recover_orphans();
+				recovered = true;
+			}
+			collect_stopped();
+			nwanted = read_wanted(&wanted);
+			if (now >= next_reap)
+			{
+				if (SPI_execute("SELECT * FROM beat.reap()", false, 0) != SPI_OK_SELECT)
+					elog(ERROR, "pg_beat: reap failed");
+				next_reap = TimestampTzPlusMilliseconds(now, beat_reaper_interval);
+			}
+			if (now >= next_purge)
+			{
+				if (SPI_execute("SELECT beat.purge(), beat.purge_http_log()", false, 0)
+					!= SPI_OK_SELECT)
+					elog(ERROR, "pg_beat: purge failed");
+				next_purge = TimestampTzPlusMilliseconds(now, PURGE_INTERVAL_MS);
+			}
+		}
+
+		PopActiveSnapshot();
+		beat_spi_finish();
+		CommitTransactionCommand();
+		pgstat_report_stat(false);
+		pgstat_report_activity(STATE_IDLE, NULL);
+
+		MemoryContextSwitchTo(pass_ctx);
+		if (installed)
+		{
+			next_restart = reconcile(wanted, nwanted);
+			wake = next_reap;
+			if (next_restart != 0 && next_restart < wake)
+				wake = next_restart;
+		}
+		else
+		{
+			stop_all();
+			recovered = false;
+			wake = TimestampTzPlusMilliseconds(now, NOT_INSTALLED_SLEEP_MS);
+		}
+
+		timeout = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), wake);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Max(timeout, 1), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+
+	/* exit 1 so that the postmaster starts us again after bgw_restart_time */
+	proc_exit(1);
+}
