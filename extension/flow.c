@@ -22,6 +22,7 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "funcapi.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -34,7 +35,7 @@ PG_FUNCTION_INFO_V1(beat_pause);
 PG_FUNCTION_INFO_V1(beat_resume);
 PG_FUNCTION_INFO_V1(beat_flow_changed);
 
-#define FLOW_NARGS 15
+#define FLOW_NARGS 16
 
 /*
  * Is setting argument i given?  A server may run this library with the
@@ -46,6 +47,7 @@ PG_FUNCTION_INFO_V1(beat_flow_changed);
 static SPIPlanPtr plan_flow_insert = NULL;
 static SPIPlanPtr plan_flow_update = NULL;
 static SPIPlanPtr plan_flow_update_v1 = NULL;
+static SPIPlanPtr plan_flow_update_v2 = NULL;
 static SPIPlanPtr plan_flow_backoff = NULL;
 static SPIPlanPtr plan_check_request = NULL;
 static SPIPlanPtr plan_flow_pause = NULL;
@@ -119,6 +121,27 @@ check_flow_settings(FunctionCallInfo fcinfo)
 	}
 	if (ARG_GIVEN(14))
 		beat_check_range(PG_GETARG_INT32(14), 0, 50, "max_redirects");
+	if (ARG_GIVEN(15))
+	{
+		ArrayType  *arr = PG_GETARG_ARRAYTYPE_P(15);
+		Datum	   *elems;
+		bool	   *nulls;
+		int			n;
+
+		deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
+		if (ARR_NDIM(arr) > 1 || n > 16)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("limits must be a list of at most 16 keys")));
+		for (int i = 0; i < n; i++)
+		{
+			if (nulls[i])
+				ereport(ERROR,
+						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+						 errmsg("limits must not contain nulls")));
+			(void) beat_check_name(DatumGetTextPP(elems[i]), "a limit key");
+		}
+	}
 }
 
 /*
@@ -195,16 +218,40 @@ check_backoff(FunctionCallInfo fcinfo)
 						   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3))));
 }
 
+/* The SET list every version of create_flow/alter_flow shares ($1 is name). */
+#define FLOW_SET_V1 \
+	"UPDATE beat.flow SET" \
+	" max_attempts = coalesce($2, max_attempts)," \
+	" backoff_base = coalesce($3, backoff_base)," \
+	" backoff_cap = coalesce($4, backoff_cap)," \
+	" lease = coalesce($5, lease)," \
+	" priority = coalesce($6, priority)," \
+	" retention = coalesce($7, retention)," \
+	" workers = coalesce($8, workers)," \
+	" concurrency = coalesce($9, concurrency)," \
+	" paused = coalesce($10, paused),"
+#define FLOW_SET_V2 FLOW_SET_V1 \
+	" request = coalesce($11, request)," \
+	" timeout = coalesce($12, timeout)," \
+	" ok_statuses = coalesce($13, ok_statuses)," \
+	" retry_statuses = coalesce($14, retry_statuses)," \
+	" max_redirects = coalesce($15, max_redirects),"
+#define FLOW_SET_V3 FLOW_SET_V2 \
+	" limits = coalesce($16, limits),"
+#define FLOW_WHERE " updated_at = now() WHERE name = $1 RETURNING *"
+
 /*
  * Apply the settings to the named flow and return its new row as a datum in
- * the caller's context; NULL if there is no such flow.
+ * the caller's context; NULL if there is no such flow.  The SQL definition
+ * of an older version passes fewer settings, and its table has fewer
+ * columns: the statement follows the number of arguments.
  */
 static Datum
 update_flow(FunctionCallInfo fcinfo, bool *found)
 {
 	Oid			argtypes[FLOW_NARGS] = {TEXTOID, INT4OID, INTERVALOID, INTERVALOID,
 		INTERVALOID, INT4OID, INTERVALOID, INT4OID, INT4OID, BOOLOID,
-	JSONBOID, INTERVALOID, INT4MULTIRANGEOID, INT4MULTIRANGEOID, INT4OID};
+	JSONBOID, INTERVALOID, INT4MULTIRANGEOID, INT4MULTIRANGEOID, INT4OID, TEXTARRAYOID};
 	Datum		values[FLOW_NARGS];
 	char		nulls[FLOW_NARGS + 1];
 	HeapTuple	tup;
@@ -220,45 +267,13 @@ update_flow(FunctionCallInfo fcinfo, bool *found)
 	if (ARG_GIVEN(10))
 		check_request(values[10]);
 
-	if (PG_NARGS() < FLOW_NARGS)
-	{
-		/* the 0.1.0 definition: its table has none of the request settings */
-		beat_prepare(&plan_flow_update_v1,
-					 "UPDATE beat.flow SET"
-					 " max_attempts = coalesce($2, max_attempts),"
-					 " backoff_base = coalesce($3, backoff_base),"
-					 " backoff_cap = coalesce($4, backoff_cap),"
-					 " lease = coalesce($5, lease),"
-					 " priority = coalesce($6, priority),"
-					 " retention = coalesce($7, retention),"
-					 " workers = coalesce($8, workers),"
-					 " concurrency = coalesce($9, concurrency),"
-					 " paused = coalesce($10, paused),"
-					 " updated_at = now()"
-					 " WHERE name = $1 RETURNING *",
-					 10, argtypes);
-		plan = plan_flow_update_v1;
-	}
+	if (PG_NARGS() <= 10)
+		plan = beat_prepare(&plan_flow_update_v1, FLOW_SET_V1 FLOW_WHERE, 10, argtypes);
+	else if (PG_NARGS() <= 15)
+		plan = beat_prepare(&plan_flow_update_v2, FLOW_SET_V2 FLOW_WHERE, 15, argtypes);
 	else
-		plan = beat_prepare(&plan_flow_update,
-							"UPDATE beat.flow SET"
-							" max_attempts = coalesce($2, max_attempts),"
-							" backoff_base = coalesce($3, backoff_base),"
-							" backoff_cap = coalesce($4, backoff_cap),"
-							" lease = coalesce($5, lease),"
-							" priority = coalesce($6, priority),"
-							" retention = coalesce($7, retention),"
-							" workers = coalesce($8, workers),"
-							" concurrency = coalesce($9, concurrency),"
-							" paused = coalesce($10, paused),"
-							" request = coalesce($11, request),"
-							" timeout = coalesce($12, timeout),"
-							" ok_statuses = coalesce($13, ok_statuses),"
-							" retry_statuses = coalesce($14, retry_statuses),"
-							" max_redirects = coalesce($15, max_redirects),"
-							" updated_at = now()"
-							" WHERE name = $1 RETURNING *",
-				 			FLOW_NARGS, argtypes);
+		plan = beat_prepare(&plan_flow_update, FLOW_SET_V3 FLOW_WHERE, FLOW_NARGS,
+							argtypes);
 	if (ARG_GIVEN(2) || ARG_GIVEN(3))
 		check_backoff(fcinfo);
 	beat_execute(plan, values, nulls, SPI_OK_UPDATE_RETURNING);

@@ -33,6 +33,7 @@
 #include "utils/guc.h"
 
 #include "pg_beat.h"
+#include "limiter.h"
 
 PG_MODULE_MAGIC;
 
@@ -165,6 +166,8 @@ _PG_init(void)
 							   0,
 							   NULL, NULL, NULL);
 
+	beat_limiter_init();
+
 	MarkGUCPrefixReserved("beat");
 
 	prev_shmem_request_hook = shmem_request_hook;
@@ -194,7 +197,9 @@ beat_shmem_request(void)
 		prev_shmem_request_hook();
 
 	RequestAddinShmemSpace(MAXALIGN(beat_shmem_size()));
+	RequestAddinShmemSpace(beat_limiter_shmem_size());
 	RequestNamedLWLockTranche("pg_beat", 1);
+	beat_limiter_shmem_request();
 }
 
 /* Allocate or attach to the shared state. */
@@ -231,6 +236,7 @@ beat_shmem_startup(void)
 		for (int i = 0; i < beat_max_workers; i++)
 			SpinLockInit(&beat_shared->workers[i].mutex);
 	}
+	beat_limiter_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 

@@ -1,0 +1,1349 @@
+/*-------------------------------------------------------------------------
+ *
+ * limiter.c
+ *		Rate limits and quotas kept in shared memory: beat.acquire, peek,
+ *		refund, penalize, beat.limiter_status, and the C entry point the
+ *		flow workers call before each transfer.
+ *
+ * Limits are defined in beat.rate_limit (beat.set_limit, beat.drop_limit).
+ * A limit's name is a key or a key template: 'global:day' matches only
+ * itself; 'handle:{{handle}}' matches 'handle:<anything>' with one bucket
+ * per distinct key.  A placeholder stands for one ':'-separated segment.
+ * Each backend caches the definitions and reloads them (through SPI, so
+ * inside a transaction) when a committed change bumps defs_generation.
+ *
+ * A rate (kind 'rate') is a GCRA: emission interval T = period / limit,
+ * tolerance tau = burst * T, so any window of one period admits at most
+ * limit + burst, evenly spread.  Times are kept scaled by the limit
+ * (microseconds * limit, in int128), which makes T = period exactly.  A
+ * quota (kind 'quota') counts uses in the current calendar window (hour,
+ * day, week, month) of its time zone and starts at zero in the next.
+ *
+ * Locking.  Buckets live in one shared hash table, partitioned 16 ways;
+ * a key's partition lock (an LWLock) guards its bucket.  An acquire takes
+ * the exclusive locks of all its keys' partitions in ascending order,
+ * decides every key, and charges all of them or none.  Growing the table
+ * when it is full, and writing the quota file, take every partition lock
+ * (in order) after releasing what they held, so no lock order is ever
+ * inverted.
+ *
+ * Quotas survive restarts and crashes like sequences do.  A quota admits
+ * only up to a "durable mark" that is already in the file
+ * pg_stat/pg_beat_limits.state; the backend that would cross it first
+ * raises the marks (by about 1% of the limit) and fsyncs the file, under
+ * beat_limiter_file_lock.  After a crash each quota restarts at its mark:
+ * it never admits more than its limit, and may lose up to the 1% it had
+ * reserved.  A clean shutdown writes the exact counts.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "portability/instr_time.h"
+#include "storage/fd.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "pg_beat.h"
+#include "limiter.h"
+
+PG_FUNCTION_INFO_V1(beat_acquire);
+PG_FUNCTION_INFO_V1(beat_peek);
+PG_FUNCTION_INFO_V1(beat_refund);
+PG_FUNCTION_INFO_V1(beat_penalize);
+PG_FUNCTION_INFO_V1(beat_limiter_status_rows);
+PG_FUNCTION_INFO_V1(beat_limits_changed);
+PG_FUNCTION_INFO_V1(beat_bench_acquire);
+PG_FUNCTION_INFO_V1(beat_set_limit);
+PG_FUNCTION_INFO_V1(beat_drop_limit);
+
+#define LIMITER_PARTITIONS	16
+#define LIMITS_FILE			"pg_stat/pg_beat_limits.state"
+#define LIMITS_FILE_MAGIC	0x42454154	/* "BEAT" */
+#define LIMITS_FILE_VERSION	1
+
+typedef enum LimitKind
+{
+	LIMIT_RATE = 1,
+	LIMIT_QUOTA = 2
+} LimitKind;
+
+typedef enum QuotaWindow
+{
+	WINDOW_HOUR = 1,
+	WINDOW_DAY,
+	WINDOW_WEEK,
+	WINDOW_MONTH
+} QuotaWindow;
+
+/* One limit definition, as a backend caches it. */
+typedef struct LimitDef
+{
+	char		name[BEAT_KEY_MAX];
+	LimitKind	kind;
+	int64		limit;
+	int64		period_us;		/* rate */
+	int64		burst;			/* rate */
+	QuotaWindow window;			/* quota */
+	char		time_zone[64];	/* quota */
+	int			nsegments;		/* ':'-separated segments of the name */
+	bool		is_template;
+} LimitDef;
+
+/* One bucket, keyed by the concrete key. */
+typedef struct LimitBucket
+{
+	char		key[BEAT_KEY_MAX];	/* hash key: must be first */
+	char		limit_name[BEAT_KEY_MAX];
+	LimitKind	kind;
+	int64		limit;			/* the settings the state was computed with */
+	int64		period_us;
+	int64		burst;
+	QuotaWindow window;
+	int128		tat;			/* rate: theoretical arrival time, us * limit */
+	int64		not_before;		/* beat.penalize: nothing before this (us) */
+	int64		window_start;	/* quota: the current window, [start, end) */
+	int64		window_end;
+	int64		used;			/* quota: uses in the window */
+	int64		durable_mark;	/* quota: the count the file allows */
+} LimitBucket;
+
+/* What was decided for one key. */
+typedef struct Decision
+{
+	bool		allowed;
+	int64		retry_us;		/* when refused: wait this long */
+	int64		remaining;		/* units admissible right after */
+	int64		reset_us;		/* until the bucket is whole again */
+} Decision;
+
+/* The limiter's shared state. */
+typedef struct LimiterShared
+{
+	pg_atomic_uint32 defs_generation;
+	int			max_keys;
+	LWLockPadded *locks;		/* LIMITER_PARTITIONS partition locks */
+	LWLock	   *file_lock;		/* serializes writes of LIMITS_FILE */
+} LimiterShared;
+
+int			beat_limiter_max_keys = 10000;
+char	   *beat_limiter_clock = NULL;
+
+static LimiterShared *limiter = NULL;
+static HTAB *buckets = NULL;
+
+/* This backend's copy of the definitions. */
+static LimitDef *defs = NULL;
+static int	ndefs = 0;
+static uint32 defs_generation = 0;
+static bool defs_loaded = false;
+static bool limits_changed = false;	/* this transaction changed limits */
+static int64 clock_override = 0;	/* beat.limiter_clock, 0 = real time */
+
+static SPIPlanPtr plan_defs = NULL;
+
+/* The limiter's share of shared memory. */
+Size
+beat_limiter_shmem_size(void)
+{
+	return add_size(MAXALIGN(sizeof(LimiterShared)),
+					hash_estimate_size(beat_limiter_max_keys, sizeof(LimitBucket)));
+}
+
+/* Ask for the limiter's locks (from the shmem request hook). */
+void
+beat_limiter_shmem_request(void)
+{
+	RequestNamedLWLockTranche("pg_beat limiter", LIMITER_PARTITIONS + 1);
+}
+
+/* Read the quota file into fresh buckets (postmaster, at startup). */
+static void
+load_limits_file(void)
+{
+	FILE	   *f = AllocateFile(LIMITS_FILE, PG_BINARY_R);
+	uint32		header[2];
+	int32		count;
+
+	if (f == NULL)
+	{
+		if (errno != ENOENT)
+			ereport(LOG,
+					(errcode_for_file_access(),
+					 errmsg("pg_beat: could not read \"%s\": %m", LIMITS_FILE)));
+		return;
+	}
+	if (fread(header, sizeof(header), 1, f) != 1 ||
+		header[0] != LIMITS_FILE_MAGIC || header[1] != LIMITS_FILE_VERSION ||
+		fread(&count, sizeof(count), 1, f) != 1)
+	{
+		ereport(LOG, (errmsg("pg_beat: ignoring \"%s\": not a quota file of this version",
+							 LIMITS_FILE)));
+		FreeFile(f);
+		return;
+	}
+	for (int i = 0; i < count; i++)
+	{
+		LimitBucket b;
+		LimitBucket *e;
+		bool		found;
+
+		if (fread(&b, sizeof(b), 1, f) != 1)
+			break;
+		e = hash_search(buckets, b.key, HASH_ENTER_NULL, &found);
+		if (e == NULL)
+			break;
+		memcpy(e, &b, sizeof(b));
+		/* whatever the file says was used or reserved, counts as used */
+		e->used = e->durable_mark;
+	}
+	FreeFile(f);
+}
+
+/*
+ * Write every quota bucket to the file with its durable mark (its exact
+ * count when exact is true), durably.  The caller holds every partition
+ * lock and the file lock.
+ */
+static void
+write_limits_file(bool exact)
+{
+	char		tmp[MAXPGPATH];
+	FILE	   *f;
+	uint32		header[2] = {LIMITS_FILE_MAGIC, LIMITS_FILE_VERSION};
+	int32		count = 0;
+	HASH_SEQ_STATUS seq;
+	LimitBucket *b;
+
+	snprintf(tmp, sizeof(tmp), "%s.tmp", LIMITS_FILE);
+	f = AllocateFile(tmp, PG_BINARY_W);
+	if (f == NULL)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("pg_beat: could not write \"%s\": %m", tmp)));
+
+	hash_seq_init(&seq, buckets);
+	while ((b = hash_seq_search(&seq)) != NULL)
+		if (b->kind == LIMIT_QUOTA)
+			count++;
+
+	if (fwrite(header, sizeof(header), 1, f) != 1 ||
+		fwrite(&count, sizeof(count), 1, f) != 1)
+		goto fail;
+	hash_seq_init(&seq, buckets);
+	while ((b = hash_seq_search(&seq)) != NULL)
+	{
+		LimitBucket copy;
+
+		if (b->kind != LIMIT_QUOTA)
+			continue;
+		memcpy(&copy, b, sizeof(copy));
+		if (exact)
+			copy.durable_mark = b->used;
+		if (fwrite(&copy, sizeof(copy), 1, f) != 1)
+		{
+			hash_seq_term(&seq);
+			goto fail;
+		}
+	}
+	if (fflush(f) != 0 || pg_fsync(fileno(f)) != 0)
+		goto fail;
+	if (FreeFile(f) != 0)
+	{
+		f = NULL;
+		goto fail;
+	}
+	f = NULL;
+	durable_rename(tmp, LIMITS_FILE, ERROR);
+	return;
+
+fail:
+	if (f)
+		FreeFile(f);
+	unlink(tmp);
+	ereport(ERROR,
+			(errcode_for_file_access(),
+			 errmsg("pg_beat: could not write \"%s\": %m", tmp)));
+}
+
+/* At postmaster shutdown: save the exact quota counts. */
+static void
+limiter_shmem_shutdown(int code, Datum arg)
+{
+	/* only a clean shutdown: after a crash the marks on disk are right */
+	if (code != 0 || limiter == NULL)
+		return;
+	PG_TRY();
+	{
+		write_limits_file(true);
+	}
+	PG_CATCH();
+	{
+		EmitErrorReport();
+		FlushErrorState();
+	}
+	PG_END_TRY();
+}
+
+/* Allocate or attach to the limiter's shared memory (shmem startup hook). */
+void
+beat_limiter_shmem_startup(void)
+{
+	bool		found;
+	HASHCTL		info;
+
+	limiter = ShmemInitStruct("pg_beat limiter", sizeof(LimiterShared), &found);
+	if (!found)
+	{
+		LWLockPadded *tranche = GetNamedLWLockTranche("pg_beat limiter");
+
+		pg_atomic_init_u32(&limiter->defs_generation, 1);
+		limiter->max_keys = beat_limiter_max_keys;
+		limiter->locks = tranche;
+		limiter->file_lock = &tranche[LIMITER_PARTITIONS].lock;
+	}
+
+	memset(&info, 0, sizeof(info));
+	info.keysize = BEAT_KEY_MAX;
+	info.entrysize = sizeof(LimitBucket);
+	info.num_partitions = LIMITER_PARTITIONS;
+	buckets = ShmemInitHash("pg_beat limiter buckets",
+							beat_limiter_max_keys, beat_limiter_max_keys,
+							&info, HASH_ELEM | HASH_STRINGS | HASH_PARTITION);
+
+	if (!IsUnderPostmaster)
+	{
+		if (!found)
+			load_limits_file();
+		on_shmem_exit(limiter_shmem_shutdown, (Datum) 0);
+	}
+}
+
+/* The limiter's "now" in microseconds: real time, or beat.limiter_clock. */
+static int64
+limiter_now(void)
+{
+	return clock_override != 0 ? clock_override : (int64) GetCurrentTimestamp();
+}
+
+/* GUC check hook of beat.limiter_clock: '' or a timestamptz. */
+bool
+beat_limiter_clock_check(char **newval, void **extra, GucSource source)
+{
+	int64	   *v;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+	{
+		v = malloc(sizeof(int64));
+		if (v == NULL)
+			return false;
+		*v = 0;
+		*extra = v;
+		return true;
+	}
+	v = malloc(sizeof(int64));
+	if (v == NULL)
+		return false;
+	PG_TRY();
+	{
+		*v = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
+													 CStringGetDatum(*newval),
+													 ObjectIdGetDatum(InvalidOid),
+													 Int32GetDatum(-1)));
+	}
+	PG_CATCH();
+	{
+		FlushErrorState();
+		free(v);
+		GUC_check_errdetail("beat.limiter_clock must be empty or a timestamp.");
+		return false;
+	}
+	PG_END_TRY();
+	*extra = v;
+	return true;
+}
+
+/* GUC assign hook of beat.limiter_clock. */
+void
+beat_limiter_clock_assign(const char *newval, void *extra)
+{
+	clock_override = extra ? *(int64 *) extra : 0;
+}
+
+/* Does key match the definition's name (a template: one segment each)? */
+static bool
+def_matches(const LimitDef *d, const char *key)
+{
+	const char *n = d->name;
+	const char *k = key;
+
+	if (!d->is_template)
+		return strcmp(d->name, key) == 0;
+	while (*n)
+	{
+		const char *nend = strchr(n, ':');
+		const char *kend = strchr(k, ':');
+		size_t		nlen = nend ? (size_t) (nend - n) : strlen(n);
+		size_t		klen = kend ? (size_t) (kend - k) : strlen(k);
+		bool		placeholder = nlen >= 4 && strncmp(n, "{{", 2) == 0 &&
+			strncmp(n + nlen - 2, "}}", 2) == 0;
+
+		if ((nend == NULL) != (kend == NULL))
+			return false;
+		if (placeholder ? klen == 0 : (nlen != klen || strncmp(n, k, nlen) != 0))
+			return false;
+		if (nend == NULL)
+			return true;
+		n = nend + 1;
+		k = kend + 1;
+	}
+	return *k == '\0';
+}
+
+/* The definition for a key: an exact name first, else a matching template. */
+static const LimitDef *
+find_def(const char *key)
+{
+	const LimitDef *match = NULL;
+
+	for (int i = 0; i < ndefs; i++)
+	{
+		if (!defs[i].is_template && strcmp(defs[i].name, key) == 0)
+			return &defs[i];
+		if (match == NULL && defs[i].is_template && def_matches(&defs[i], key))
+			match = &defs[i];
+	}
+	return match;
+}
+
+/*
+ * Reload the definitions if a committed change made them stale.  Needs a
+ * transaction (it reads beat.rate_limit through SPI).
+ */
+void
+beat_limiter_refresh(void)
+{
+	uint32		gen = pg_atomic_read_u32(&limiter->defs_generation);
+	bool		isnull;
+	LimitDef   *fresh;
+	int			n;
+
+	if (defs_loaded && gen == defs_generation)
+		return;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "pg_beat: SPI_connect failed");
+	beat_prepare(&plan_defs,
+				 "SELECT name, kind, \"limit\","
+				 " (extract(epoch FROM coalesce(period, '0')) * 1000000)::bigint,"
+				 " burst, coalesce(quota_window, ''), time_zone"
+				 " FROM beat.rate_limit ORDER BY name",
+				 0, NULL);
+	beat_execute(plan_defs, NULL, NULL, SPI_OK_SELECT);
+	n = (int) SPI_processed;
+	fresh = MemoryContextAllocZero(TopMemoryContext, sizeof(LimitDef) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		LimitDef   *d = &fresh[i];
+		char	   *kind = TextDatumGetCString(SPI_getbinval(tup, desc, 2, &isnull));
+		char	   *window = TextDatumGetCString(SPI_getbinval(tup, desc, 6, &isnull));
+
+		strlcpy(d->name, TextDatumGetCString(SPI_getbinval(tup, desc, 1, &isnull)),
+				BEAT_KEY_MAX);
+		d->kind = strcmp(kind, "quota") == 0 ? LIMIT_QUOTA : LIMIT_RATE;
+		d->limit = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+		d->period_us = DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+		d->burst = DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
+		d->window = strcmp(window, "hour") == 0 ? WINDOW_HOUR :
+			strcmp(window, "week") == 0 ? WINDOW_WEEK :
+			strcmp(window, "month") == 0 ? WINDOW_MONTH : WINDOW_DAY;
+		strlcpy(d->time_zone, TextDatumGetCString(SPI_getbinval(tup, desc, 7, &isnull)),
+				sizeof(d->time_zone));
+		d->is_template = strstr(d->name, "{{") != NULL;
+	}
+	if (SPI_finish() != SPI_OK_FINISH)
+		elog(ERROR, "pg_beat: SPI_finish failed");
+
+	if (defs)
+		pfree(defs);
+	defs = fresh;
+	ndefs = n;
+	defs_generation = gen;
+	defs_loaded = true;
+}
+
+/* The start and end of the calendar window holding t, in the def's zone. */
+static void
+quota_window(const LimitDef *d, int64 t, int64 *start, int64 *end)
+{
+	static const char *const unit[] = {NULL, "hour", "day", "week", "month"};
+	/* longer than any such window, shorter than two: lands in the next */
+	static const int64 span[] = {0, 90 * USECS_PER_MINUTE, 26 * USECS_PER_HOUR,
+	(7 * 24 + 12) * USECS_PER_HOUR, 32 * USECS_PER_DAY};
+	Datum		u = CStringGetTextDatum(unit[d->window]);
+	Datum		zone = CStringGetTextDatum(d->time_zone);
+
+	*start = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_trunc_zone, u,
+													 TimestampTzGetDatum(t), zone));
+	*end = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_trunc_zone, u,
+												   TimestampTzGetDatum(*start + span[d->window]),
+												   zone));
+}
+
+/* Ceiling of a / b for a >= 0, b > 0. */
+static int64
+ceil_div(int128 a, int64 b)
+{
+	return (int64) ((a + b - 1) / b);
+}
+
+/*
+ * Bring a bucket in line with its definition and the time: a new bucket
+ * starts whole; changed settings take effect at once (a rate keeps the
+ * time it owes, rescaled; a quota keeps its count); a quota in a new
+ * window starts at zero.
+ */
+static void
+bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh)
+{
+	if (fresh || b->kind != d->kind || strcmp(b->limit_name, d->name) != 0)
+	{
+		memset(((char *) b) + BEAT_KEY_MAX, 0, sizeof(LimitBucket) - BEAT_KEY_MAX);
+		strlcpy(b->limit_name, d->name, BEAT_KEY_MAX);
+		b->kind = d->kind;
+		b->limit = d->limit;
+		b->period_us = d->period_us;
+		b->burst = d->burst;
+		b->window = d->window;
+		b->tat = (int128) now * d->limit;
+		b->window_start = b->window_end = 0;
+	}
+	if (b->kind == LIMIT_RATE && (b->limit != d->limit || b->period_us != d->period_us))
+	{
+		/* keep the owed time in microseconds, at the new scale */
+		int128		tat_us = b->tat / b->limit;
+
+		b->tat = tat_us * d->limit;
+	}
+	b->limit = d->limit;
+	b->period_us = d->period_us;
+	b->burst = d->burst;
+	if (b->kind == LIMIT_QUOTA && (b->window != d->window || now >= b->window_end ||
+								   now < b->window_start))
+	{
+		int64		start;
+		int64		end;
+
+		quota_window(d, now, &start, &end);
+		if (start != b->window_start || b->window != d->window)
+		{
+			b->used = 0;
+			b->durable_mark = 0;
+		}
+		b->window = d->window;
+		b->window_start = start;
+		b->window_end = end;
+	}
+}
+
+/* Decide cost for one bucket at now, without changing it. */
+static Decision
+bucket_decide(const LimitBucket *b, int64 cost, int64 now)
+{
+	Decision	r;
+
+	memset(&r, 0, sizeof(r));
+	if (b->kind == LIMIT_RATE)
+	{
+		int128		t = (int128) now * b->limit;
+		int128		T = b->period_us;
+		int128		tau = (int128) b->burst * b->period_us;
+		int128		base = b->tat > t ? b->tat : t;
+		int128		new_tat = base + cost * T;
+
+		r.allowed = new_tat - t <= tau + T;
+		if (r.allowed)
+		{
+			r.remaining = (int64) ((tau + T - (new_tat - t)) / T);
+			r.reset_us = ceil_div(new_tat - t, b->limit);
+		}
+		else
+		{
+			r.retry_us = ceil_div(base + (cost - 1) * T - tau - t, b->limit);
+			r.remaining = (int64) Max((tau + T - (base - t)) / T, 0);
+			r.reset_us = ceil_div(base - t, b->limit);
+		}
+	}
+	else
+	{
+		r.allowed = b->used + cost <= b->limit;
+		r.remaining = b->limit - b->used - (r.allowed ? cost : 0);
+		r.reset_us = b->window_end - now;
+		if (!r.allowed)
+			r.retry_us = b->window_end - now;
+	}
+	if (now < b->not_before)
+	{
+		r.allowed = false;
+		r.retry_us = Max(r.retry_us, b->not_before - now);
+	}
+	return r;
+}
+
+/* Charge cost to a bucket (the decision said yes). */
+static void
+bucket_charge(LimitBucket *b, int64 cost, int64 now)
+{
+	if (b->kind == LIMIT_RATE)
+	{
+		int128		t = (int128) now * b->limit;
+
+		b->tat = (b->tat > t ? b->tat : t) + cost * (int128) b->period_us;
+	}
+	else
+		b->used += cost;
+}
+
+/* Give cost back to a bucket (a call that was never made). */
+static void
+bucket_refund(LimitBucket *b, int64 cost, int64 now)
+{
+	if (b->kind == LIMIT_RATE)
+	{
+		int128		t = (int128) now * b->limit;
+
+		b->tat -= cost * (int128) b->period_us;
+		if (b->tat < t)
+			b->tat = t;
+	}
+	else
+		b->used = Max(b->used - cost, 0);
+}
+
+/* Is the bucket as a fresh one would be, so that dropping it loses nothing? */
+static bool
+bucket_idle(const LimitBucket *b, int64 now)
+{
+	if (now < b->not_before)
+		return false;
+	if (b->kind == LIMIT_RATE)
+		return b->tat <= (int128) now * b->limit;
+	return b->used == 0 || now >= b->window_end;
+}
+
+/* Acquire every partition lock, in order. */
+static void
+lock_all(LWLockMode mode)
+{
+	for (int i = 0; i < LIMITER_PARTITIONS; i++)
+		LWLockAcquire(&limiter->locks[i].lock, mode);
+}
+
+/* Release every partition lock. */
+static void
+unlock_all(void)
+{
+	for (int i = LIMITER_PARTITIONS - 1; i >= 0; i--)
+		LWLockRelease(&limiter->locks[i].lock);
+}
+
+/*
+ * Make room for need new keys by dropping idle buckets; false if there
+ * is not enough.  Takes every partition lock; the caller holds none.
+ */
+static bool
+make_room(int need, int64 now)
+{
+	HASH_SEQ_STATUS seq;
+	LimitBucket *b;
+	long		room;
+	bool		ok;
+
+	lock_all(LW_EXCLUSIVE);
+	room = limiter->max_keys - hash_get_num_entries(buckets);
+	if (room < need)
+	{
+		/* drop up to a tenth of the table, so this stays rare */
+		long		goal = Max(need - room, limiter->max_keys / 10);
+
+		hash_seq_init(&seq, buckets);
+		while (goal > 0 && (b = hash_seq_search(&seq)) != NULL)
+		{
+			if (!bucket_idle(b, now))
+				continue;
+			hash_search(buckets, b->key, HASH_REMOVE, NULL);
+			goal--;
+		}
+		if (goal > 0)
+			hash_seq_term(&seq);
+		room = limiter->max_keys - hash_get_num_entries(buckets);
+	}
+	ok = room >= need;
+	unlock_all();
+	return ok;
+}
+
+/*
+ * Raise the durable mark of every quota bucket that has less than cost
+ * (or one step of 1% of its limit) left before it, to one step beyond
+ * that; write the file, durably.  The caller holds no lock.
+ */
+static void
+raise_marks(int64 cost)
+{
+	HASH_SEQ_STATUS seq;
+	LimitBucket *b;
+
+	LWLockAcquire(limiter->file_lock, LW_EXCLUSIVE);
+	lock_all(LW_EXCLUSIVE);
+	hash_seq_init(&seq, buckets);
+	while ((b = hash_seq_search(&seq)) != NULL)
+	{
+		int64		step;
+
+		if (b->kind != LIMIT_QUOTA)
+			continue;
+		step = Max(b->limit / 100, 1);
+		if (b->durable_mark < Min(b->used + Max(cost, step), b->limit))
+			b->durable_mark = Min(b->used + Max(cost, step) + step, b->limit);
+	}
+	PG_TRY();
+	{
+		write_limits_file(false);
+	}
+	PG_FINALLY();
+	{
+		unlock_all();
+		LWLockRelease(limiter->file_lock);
+	}
+	PG_END_TRY();
+}
+
+/* Compare int64s for qsort. */
+static int
+cmp_int64_limiter(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return (x > y) - (x < y);
+}
+
+/* Compare ints for qsort. */
+static int
+cmp_int(const void *a, const void *b)
+{
+	return *(const int *) a - *(const int *) b;
+}
+
+/*
+ * The limiter itself: decide cost for every key at once, and charge all
+ * of them (mode BEAT_CHARGE) or none, or only look (BEAT_PEEK), or give
+ * back (BEAT_REFUND).  Raises on a key no limit matches, or a cost the
+ * limit can never admit.  Needs a transaction when the definitions are
+ * stale (see beat_limiter_refresh); the worker refreshes them at claim.
+ */
+BeatAcquireResult
+beat_limiter_apply(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode mode)
+{
+	BeatAcquireResult result;
+	const LimitDef *kdefs[BEAT_MAX_STACKED_KEYS];
+	uint32		hashes[BEAT_MAX_STACKED_KEYS];
+	int			parts[BEAT_MAX_STACKED_KEYS];
+	int			nparts;
+	int64		now = limiter_now();
+
+	memset(&result, 0, sizeof(result));
+	result.allowed = true;
+	result.remaining = PG_INT64_MAX;
+	if (nkeys > BEAT_MAX_STACKED_KEYS)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("at most %d keys can be acquired together", BEAT_MAX_STACKED_KEYS)));
+
+	for (int i = 0; i < nkeys; i++)
+	{
+		const LimitDef *d = find_def(keys[i]);
+		int64		most;
+
+		if (strlen(keys[i]) >= BEAT_KEY_MAX)
+			ereport(ERROR,
+					(errcode(ERRCODE_NAME_TOO_LONG),
+					 errmsg("rate limit key is too long"),
+					 errdetail("Keys have at most %d bytes.", BEAT_KEY_MAX - 1)));
+		if (d == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("no rate limit matches key \"%s\"", keys[i]),
+					 errhint("Define one with beat.set_limit().")));
+		most = d->kind == LIMIT_RATE ? d->burst + 1 : d->limit;
+		if (mode != BEAT_REFUND && cost > most)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("cost " INT64_FORMAT " is more than limit \"%s\" ever admits at once",
+							cost, d->name),
+					 errdetail("It admits at most " INT64_FORMAT ".", most),
+					 d->kind == LIMIT_RATE ?
+					 errhint("A rate admits burst + 1 at once; raise its burst.") : 0));
+		kdefs[i] = d;
+		hashes[i] = get_hash_value(buckets, keys[i]);
+		parts[i] = hashes[i] % LIMITER_PARTITIONS;
+	}
+
+	/* the partitions to lock, each once, ascending */
+	qsort(parts, nkeys, sizeof(int), cmp_int);
+	nparts = 0;
+	for (int i = 0; i < nkeys; i++)
+		if (nparts == 0 || parts[i] != parts[nparts - 1])
+			parts[nparts++] = parts[i];
+
+	for (;;)
+	{
+		LimitBucket *b[BEAT_MAX_STACKED_KEYS];
+		bool		full = false;
+		bool		need_mark = false;
+
+		for (int i = 0; i < nparts; i++)
+			LWLockAcquire(&limiter->locks[parts[i]].lock, LW_EXCLUSIVE);
+
+		for (int i = 0; i < nkeys && !full; i++)
+		{
+			bool		found;
+
+			b[i] = hash_search_with_hash_value(buckets, keys[i], hashes[i],
+											   HASH_FIND, &found);
+			if (b[i] == NULL)
+			{
+				if (hash_get_num_entries(buckets) >= limiter->max_keys)
+				{
+					full = true;
+					break;
+				}
+				b[i] = hash_search_with_hash_value(buckets, keys[i], hashes[i],
+												   HASH_ENTER_NULL, &found);
+				if (b[i] == NULL)
+				{
+					full = true;
+					break;
+				}
+			}
+			bucket_sync(b[i], kdefs[i], now, !found);
+		}
+
+		if (!full)
+		{
+			memset(&result, 0, sizeof(result));
+			result.allowed = true;
+			result.remaining = PG_INT64_MAX;
+			for (int i = 0; i < nkeys; i++)
+			{
+				Decision	d = bucket_decide(b[i], cost, now);
+
+				if (!d.allowed && (result.allowed || d.retry_us > result.retry_us))
+				{
+					result.retry_us = d.retry_us;
+					result.blocking = i;
+				}
+				if (!d.allowed)
+					result.allowed = false;
+				if (d.remaining < result.remaining)
+					result.remaining = d.remaining;
+				if (d.reset_us > result.reset_us)
+					result.reset_us = d.reset_us;
+				if (result.allowed && mode == BEAT_CHARGE &&
+					b[i]->kind == LIMIT_QUOTA &&
+					b[i]->used + cost > b[i]->durable_mark)
+					need_mark = true;
+			}
+			if (mode == BEAT_REFUND)
+			{
+				for (int i = 0; i < nkeys; i++)
+					bucket_refund(b[i], cost, now);
+				result.allowed = true;
+			}
+			else if (result.allowed && mode == BEAT_CHARGE && !need_mark)
+				for (int i = 0; i < nkeys; i++)
+					bucket_charge(b[i], cost, now);
+			if (!result.allowed)
+				result.blocking_key = keys[result.blocking];
+		}
+
+		for (int i = nparts - 1; i >= 0; i--)
+			LWLockRelease(&limiter->locks[parts[i]].lock);
+
+		if (full)
+		{
+			if (!make_room(nkeys, now))
+				ereport(ERROR,
+						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+						 errmsg("too many rate limit keys are in use"),
+						 errdetail("All %d keys are busy; none is idle enough to drop.",
+								   limiter->max_keys),
+						 errhint("Raise beat.limiter_max_keys.")));
+			continue;
+		}
+		if (need_mark && result.allowed && mode == BEAT_CHARGE)
+		{
+			raise_marks(cost);
+			continue;
+		}
+		return result;
+	}
+}
+
+/* At commit of a transaction that changed beat.rate_limit: tell everyone. */
+static void
+limiter_xact_callback(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_COMMIT && limits_changed && limiter != NULL)
+		pg_atomic_fetch_add_u32(&limiter->defs_generation, 1);
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
+		event == XACT_EVENT_PREPARE)
+		limits_changed = false;
+}
+
+/* Define the limiter's GUCs and callbacks (from _PG_init). */
+void
+beat_limiter_init(void)
+{
+	DefineCustomIntVariable("beat.limiter_max_keys",
+							"Most rate limit keys tracked at once.",
+							"Sizes shared memory.  When full, idle keys are dropped.",
+							&beat_limiter_max_keys,
+							10000, 16, 10000000,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+	DefineCustomStringVariable("beat.limiter_clock",
+							   "For tests: the time the limiter uses in this session.",
+							   "Empty (the default) means the real time.",
+							   &beat_limiter_clock,
+							   "",
+							   PGC_SUSET,
+							   GUC_NOT_IN_SAMPLE,
+							   beat_limiter_clock_check, beat_limiter_clock_assign, NULL);
+	RegisterXactCallback(limiter_xact_callback, NULL);
+}
+
+/* The keys of a text[] argument as C strings; raise on NULLs or none. */
+static const char **
+keys_arg(ArrayType *arr, int *n)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	const char **keys;
+
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("keys must be a one-dimensional array")));
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, n);
+	if (*n == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("keys must not be empty")));
+	keys = palloc(sizeof(char *) * *n);
+	for (int i = 0; i < *n; i++)
+	{
+		if (nulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("keys must not contain nulls")));
+		keys[i] = TextDatumGetCString(elems[i]);
+	}
+	return keys;
+}
+
+/* An interval of us microseconds. */
+static Datum
+interval_us(int64 us)
+{
+	Interval   *iv = palloc0(sizeof(Interval));
+
+	iv->time = us;
+	return IntervalPGetDatum(iv);
+}
+
+/* Shared body of beat.acquire and beat.peek. */
+static Datum
+acquire_sql(FunctionCallInfo fcinfo, BeatLimiterMode mode)
+{
+	TupleDesc	tupdesc;
+	Datum		values[5];
+	bool		nulls[5] = {false, false, false, false, false};
+	const char **keys;
+	int			n;
+	int64		cost;
+	BeatAcquireResult r;
+
+	beat_require(fcinfo, 0, "keys");
+	beat_require(fcinfo, 1, "cost");
+	cost = PG_GETARG_INT32(1);
+	if (cost <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("cost must be positive")));
+	keys = keys_arg(PG_GETARG_ARRAYTYPE_P(0), &n);
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "pg_beat: acquire must return a record");
+
+	beat_limiter_refresh();
+	r = beat_limiter_apply(keys, n, cost, mode);
+
+	values[0] = BoolGetDatum(r.allowed);
+	values[1] = interval_us(r.allowed ? 0 : r.retry_us);
+	if (r.allowed)
+		nulls[2] = true;
+	else
+		values[2] = CStringGetTextDatum(r.blocking_key);
+	values[3] = Int64GetDatum(r.remaining);
+	values[4] = interval_us(r.reset_us);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc),
+													  values, nulls)));
+}
+
+/* beat.acquire(keys, cost): admit and charge every key, or none. */
+Datum
+beat_acquire(PG_FUNCTION_ARGS)
+{
+	return acquire_sql(fcinfo, BEAT_CHARGE);
+}
+
+/* beat.peek(keys, cost): what beat.acquire would answer, charging nothing. */
+Datum
+beat_peek(PG_FUNCTION_ARGS)
+{
+	return acquire_sql(fcinfo, BEAT_PEEK);
+}
+
+/* beat.refund(keys, cost): give back a charge for a call never made. */
+Datum
+beat_refund(PG_FUNCTION_ARGS)
+{
+	const char **keys;
+	int			n;
+
+	beat_require(fcinfo, 0, "keys");
+	beat_require(fcinfo, 1, "cost");
+	if (PG_GETARG_INT32(1) <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("cost must be positive")));
+	keys = keys_arg(PG_GETARG_ARRAYTYPE_P(0), &n);
+	beat_limiter_refresh();
+	(void) beat_limiter_apply(keys, n, PG_GETARG_INT32(1), BEAT_REFUND);
+	PG_RETURN_VOID();
+}
+
+/* beat.penalize(key, until): admit nothing through key before until. */
+Datum
+beat_penalize(PG_FUNCTION_ARGS)
+{
+	char	   *key;
+	TimestampTz until;
+	const LimitDef *d;
+	uint32		hash;
+	LWLock	   *lock;
+	LimitBucket *b;
+	bool		found;
+
+	beat_require(fcinfo, 0, "key");
+	beat_require(fcinfo, 1, "until");
+	key = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	until = PG_GETARG_TIMESTAMPTZ(1);
+	if (TIMESTAMP_NOT_FINITE(until))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("until must be a finite time")));
+	if (strlen(key) >= BEAT_KEY_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_NAME_TOO_LONG),
+				 errmsg("rate limit key is too long")));
+	beat_limiter_refresh();
+	d = find_def(key);
+	if (d == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("no rate limit matches key \"%s\"", key),
+				 errhint("Define one with beat.set_limit().")));
+
+	for (;;)
+	{
+		hash = get_hash_value(buckets, key);
+		lock = &limiter->locks[hash % LIMITER_PARTITIONS].lock;
+		LWLockAcquire(lock, LW_EXCLUSIVE);
+		b = hash_search_with_hash_value(buckets, key, hash, HASH_FIND, &found);
+		if (b == NULL && hash_get_num_entries(buckets) < limiter->max_keys)
+			b = hash_search_with_hash_value(buckets, key, hash, HASH_ENTER_NULL, &found);
+		if (b != NULL)
+		{
+			bucket_sync(b, d, limiter_now(), !found);
+			if (until > b->not_before)
+				b->not_before = until;
+			LWLockRelease(lock);
+			PG_RETURN_VOID();
+		}
+		LWLockRelease(lock);
+		if (!make_room(1, limiter_now()))
+			ereport(ERROR,
+					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+					 errmsg("too many rate limit keys are in use"),
+					 errhint("Raise beat.limiter_max_keys.")));
+	}
+}
+
+/* beat.limiter_status_rows(): every live key and what it admits now. */
+Datum
+beat_limiter_status_rows(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	HASH_SEQ_STATUS seq;
+	LimitBucket *b;
+	int64		now = limiter_now();
+
+	InitMaterializedSRF(fcinfo, 0);
+	lock_all(LW_SHARED);
+	hash_seq_init(&seq, buckets);
+	while ((b = hash_seq_search(&seq)) != NULL)
+	{
+		Datum		values[8];
+		bool		nulls[8] = {false, false, false, false, false, false, false, false};
+		Decision	d = bucket_decide(b, 1, now);
+
+		values[0] = CStringGetTextDatum(b->key);
+		values[1] = CStringGetTextDatum(b->limit_name);
+		values[2] = CStringGetTextDatum(b->kind == LIMIT_RATE ? "rate" : "quota");
+		values[3] = Int64GetDatum(b->limit);
+		values[4] = Int64GetDatum(d.allowed ? d.remaining + 1 : d.remaining);
+		values[5] = TimestampTzGetDatum(now + (d.allowed ? 0 : d.retry_us));
+		values[6] = TimestampTzGetDatum(now + d.reset_us);
+		values[7] = TimestampTzGetDatum(b->not_before);
+		nulls[7] = b->not_before <= now;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	unlock_all();
+	return (Datum) 0;
+}
+
+/* Trigger on beat.rate_limit: definitions change at commit. */
+Datum
+beat_limits_changed(PG_FUNCTION_ARGS)
+{
+	limits_changed = true;
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * beat.bench_acquire(keys, iterations): time the C path a worker calls,
+ * in this backend; returns checks per second and the p50 and p99 of one
+ * check in nanoseconds.  Charges the keys like beat.acquire does.
+ */
+Datum
+beat_bench_acquire(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	const char **keys;
+	int			n;
+	int			iterations = PG_GETARG_INT32(1);
+	int64	   *ns;
+	instr_time	start;
+	instr_time	total;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, false, false};
+	int64		admitted = 0;
+
+	beat_require(fcinfo, 0, "keys");
+	beat_check_range(iterations, 1, 100000000, "iterations");
+	keys = keys_arg(PG_GETARG_ARRAYTYPE_P(0), &n);
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "pg_beat: bench_acquire must return a record");
+	beat_limiter_refresh();
+
+	ns = palloc(sizeof(int64) * iterations);
+	INSTR_TIME_SET_CURRENT(total);
+	for (int i = 0; i < iterations; i++)
+	{
+		instr_time	t;
+
+		INSTR_TIME_SET_CURRENT(start);
+		if (beat_limiter_apply(keys, n, 1, BEAT_CHARGE).allowed)
+			admitted++;
+		INSTR_TIME_SET_CURRENT(t);
+		INSTR_TIME_SUBTRACT(t, start);
+		ns[i] = (int64) (INSTR_TIME_GET_DOUBLE(t) * 1e9);
+	}
+	{
+		instr_time	end;
+
+		INSTR_TIME_SET_CURRENT(end);
+		INSTR_TIME_SUBTRACT(end, total);
+		values[0] = Float8GetDatum(iterations / INSTR_TIME_GET_DOUBLE(end));
+	}
+	qsort(ns, iterations, sizeof(int64), cmp_int64_limiter);
+	values[1] = Float8GetDatum((double) ns[iterations / 2]);
+	values[2] = Float8GetDatum((double) ns[(int) (iterations * 0.99)]);
+	values[3] = Int64GetDatum(admitted);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc),
+													  values, nulls)));
+}
+
+/* Check a limit name: 1-127 bytes of ':'-separated segments, a segment
+ * being literal text without braces or exactly one {{placeholder}}. */
+static void
+check_limit_name(const char *name)
+{
+	const char *p = name;
+	size_t		len = strlen(name);
+
+	if (len == 0 || len >= BEAT_KEY_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("a rate limit name must have 1 to %d bytes", BEAT_KEY_MAX - 1)));
+	while (p)
+	{
+		const char *end = strchr(p, ':');
+		size_t		n = end ? (size_t) (end - p) : strlen(p);
+		bool		placeholder = n >= 5 && strncmp(p, "{{", 2) == 0 &&
+			strncmp(p + n - 2, "}}", 2) == 0;
+		bool		ok = n > 0;
+
+		for (size_t i = placeholder ? 2 : 0; ok && i < (placeholder ? n - 2 : n); i++)
+			if (p[i] == '{' || p[i] == '}')
+				ok = false;
+		if (!ok)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_NAME),
+					 errmsg("invalid rate limit name \"%s\"", name),
+					 errdetail("A name is ':'-separated segments, each literal text or one {{placeholder}}, for example \"handle:{{handle}}\".")));
+		p = end ? end + 1 : NULL;
+	}
+}
+
+static SPIPlanPtr plan_set_limit = NULL;
+static SPIPlanPtr plan_drop_limit = NULL;
+static SPIPlanPtr plan_check_zone = NULL;
+
+/*
+ * beat.set_limit(name, limit, per, burst, quota, time_zone): create or
+ * change a limit: a rate (limit per interval, plus burst) or a quota
+ * (limit per calendar hour, day, week or month in time_zone).
+ */
+Datum
+beat_set_limit(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[7] = {TEXTOID, TEXTOID, INT8OID, INTERVALOID, INT8OID,
+	TEXTOID, TEXTOID};
+	Datum		values[7];
+	char		nulls[8] = "       ";
+	char	   *name;
+	bool		is_quota;
+	Datum		row;
+
+	beat_require(fcinfo, 0, "name");
+	beat_require(fcinfo, 1, "limit");
+	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	check_limit_name(name);
+	if (PG_GETARG_INT64(1) <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("limit must be positive")));
+	if (PG_ARGISNULL(2) == PG_ARGISNULL(4))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("give either per (a rate) or quota (a calendar window), not both or neither"),
+				 errhint("For example beat.set_limit('api:minute', 60, per => '1 minute') or beat.set_limit('api:day', 20000, quota => 'day').")));
+	is_quota = !PG_ARGISNULL(4);
+	if (!is_quota)
+		beat_check_interval(PG_GETARG_INTERVAL_P(2), "per", false);
+	else
+	{
+		char	   *window = text_to_cstring(PG_GETARG_TEXT_PP(4));
+
+		if (strcmp(window, "hour") != 0 && strcmp(window, "day") != 0 &&
+			strcmp(window, "week") != 0 && strcmp(window, "month") != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("quota must be hour, day, week or month")));
+	}
+	if (!PG_ARGISNULL(3) && PG_GETARG_INT64(3) < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("burst must be zero or positive")));
+	if (is_quota && !PG_ARGISNULL(3) && PG_GETARG_INT64(3) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("a quota has no burst")));
+	if (!is_quota && !PG_ARGISNULL(5))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("time_zone applies to quotas only")));
+
+	values[0] = PG_GETARG_DATUM(0);
+	values[1] = CStringGetTextDatum(is_quota ? "quota" : "rate");
+	values[2] = PG_GETARG_DATUM(1);
+	values[3] = PG_GETARG_DATUM(2);
+	nulls[3] = is_quota ? 'n' : ' ';
+	values[4] = PG_ARGISNULL(3) ? Int64GetDatum(0) : PG_GETARG_DATUM(3);
+	values[5] = PG_GETARG_DATUM(4);
+	nulls[5] = is_quota ? ' ' : 'n';
+	values[6] = PG_ARGISNULL(5) ? CStringGetTextDatum("UTC") : PG_GETARG_DATUM(5);
+
+	beat_spi_connect();
+	if (is_quota)
+	{
+		/* an unknown zone fails here, with PostgreSQL's own message */
+		beat_prepare(&plan_check_zone,
+					 "SELECT date_trunc('day', now(), $1)", 1, &argtypes[6]);
+		beat_execute(plan_check_zone, &values[6], " ", SPI_OK_SELECT);
+	}
+	beat_prepare(&plan_set_limit,
+				 "INSERT INTO beat.rate_limit (name, kind, \"limit\", period, burst,"
+				 " quota_window, time_zone) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+				 " ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind,"
+				 " \"limit\" = EXCLUDED.\"limit\", period = EXCLUDED.period,"
+				 " burst = EXCLUDED.burst, quota_window = EXCLUDED.quota_window,"
+				 " time_zone = EXCLUDED.time_zone, updated_at = now()"
+				 " RETURNING *",
+				 7, argtypes);
+	beat_execute(plan_set_limit, values, nulls, SPI_OK_INSERT_RETURNING);
+	row = PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], SPI_tuptable->tupdesc));
+	beat_spi_finish();
+	PG_RETURN_DATUM(row);
+}
+
+/* beat.drop_limit(name): forget a limit; its keys go with it. */
+Datum
+beat_drop_limit(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		v = PG_GETARG_DATUM(0);
+
+	beat_spi_connect();
+	beat_prepare(&plan_drop_limit, "DELETE FROM beat.rate_limit WHERE name = $1",
+				 1, argtypes);
+	beat_execute(plan_drop_limit, &v, " ", SPI_OK_DELETE);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("rate limit \"%s\" does not exist", TextDatumGetCString(v))));
+	beat_spi_finish();
+	PG_RETURN_VOID();
+}
