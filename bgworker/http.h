@@ -63,6 +63,8 @@ extern bool beat_request_build(const BeatTemplate *t, const char *params_text,
 							   const char *redact, BeatRequest *req, char **error);
 extern void beat_request_free(BeatRequest *req);
 extern char *beat_redact_url(const char *url, const char *redact);
+extern bool beat_render_keys(char *const *templates, int n, const char *params_text,
+							 char **out, char **error);
 
 /*
  * A new empty JSON object.  Never call jansson's json_object() by name from

@@ -109,19 +109,37 @@ launcher_detach(int code, Datum arg)
 	LWLockRelease(beat_shared->lock);
 }
 
-/* Is pg_beat (0.2.0 or later) installed in this database?  Inside SPI. */
+/*
+ * Is pg_beat installed in this database, at the library's version?
+ * Inside SPI.  Says once in the log when the versions differ.
+ */
 static bool
 extension_installed(void)
 {
+	static bool warned = false;
 	bool		isnull;
+	Datum		v;
+	char	   *version;
 
 	beat_prepare(&plan_installed,
-				 "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_beat')"
-				 " AND pg_catalog.to_regclass('beat.http_log') IS NOT NULL",
+				 "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_beat'",
 				 0, NULL);
 	beat_execute(plan_installed, NULL, NULL, SPI_OK_SELECT);
-	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
-									  SPI_tuptable->tupdesc, 1, &isnull));
+	if (SPI_processed == 0)
+		return false;
+	v = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	version = TextDatumGetCString(v);
+	if (strcmp(version, PG_BEAT_VERSION) == 0)
+	{
+		warned = false;
+		return true;
+	}
+	if (!warned)
+		ereport(LOG,
+				(errmsg("pg_beat: the extension in database \"%s\" is version %s but the library is %s; no workers until ALTER EXTENSION pg_beat UPDATE",
+						beat_database_name, version, PG_BEAT_VERSION)));
+	warned = true;
+	return false;
 }
 
 /*

@@ -555,3 +555,34 @@ fail:
 		*error = msg("could not build the request");
 	return false;
 }
+
+/*
+ * Fill n key templates with the params (JSON text), as they are (a key is
+ * not escaped); out[i] are malloc'd.  False with *error on a missing param.
+ */
+bool
+beat_render_keys(char *const *templates, int n, const char *params_text,
+				 char **out, char **error)
+{
+	json_error_t jerr;
+	json_t	   *params = json_loads(params_text, 0, &jerr);
+
+	if (params == NULL)
+	{
+		*error = msg("task params are not JSON: %s", jerr.text);
+		return false;
+	}
+	for (int i = 0; i < n; i++)
+	{
+		out[i] = render(templates[i], params, NULL, error);
+		if (out[i] == NULL)
+		{
+			for (int k = 0; k < i; k++)
+				free(out[k]);
+			json_decref(params);
+			return false;
+		}
+	}
+	json_decref(params);
+	return true;
+}

@@ -56,6 +56,7 @@
 #include "utils/snapmgr.h"
 
 #include "pg_beat.h"
+#include "limiter.h"
 #include "http.h"
 
 /* One task on its way through curl. */
@@ -87,6 +88,9 @@ typedef struct FlowConfig
 	BeatTemplate *tmpl;
 	BeatStatusSet ok;
 	BeatStatusSet retry;
+	int			nlimits;		/* beat.flow.limits: key templates */
+	char	   *limits[BEAT_MAX_STACKED_KEYS];
+	bool		limits_fixed;	/* no template has a placeholder */
 } FlowConfig;
 
 #define SAFETY_WAKE_MS	30000	/* a wake-up that was lost costs at most this */
@@ -118,6 +122,7 @@ static SPIPlanPtr plan_next_due = NULL;
 static SPIPlanPtr plan_record = NULL;
 static SPIPlanPtr plan_log = NULL;
 static SPIPlanPtr plan_hand_back = NULL;
+static SPIPlanPtr plan_limited = NULL;
 
 /* Free our slot when we exit, however we exit. */
 static void
@@ -306,12 +311,15 @@ load_flow(void)
 				 " array(SELECT coalesce(lower(r), 0) FROM unnest(ok_statuses) r),"
 				 " array(SELECT coalesce(upper(r), 1000) FROM unnest(ok_statuses) r),"
 				 " array(SELECT coalesce(lower(r), 0) FROM unnest(retry_statuses) r),"
-				 " array(SELECT coalesce(upper(r), 1000) FROM unnest(retry_statuses) r)"
+				 " array(SELECT coalesce(upper(r), 1000) FROM unnest(retry_statuses) r),"
+				 " limits"
 				 " FROM beat.flow WHERE name = $1",
 				 1, argtypes);
 	beat_execute(plan_flow, &v, " ", SPI_OK_SELECT);
 
 	beat_template_free(cfg.tmpl);
+	for (int i = 0; i < cfg.nlimits; i++)
+		free(cfg.limits[i]);
 	memset(&cfg, 0, sizeof(cfg));
 	cfg_loaded = true;
 	if (SPI_processed == 0)
@@ -341,6 +349,22 @@ load_flow(void)
 			   SPI_getbinval(tup, desc, 7, &isnull));
 	status_set(&cfg.retry, SPI_getbinval(tup, desc, 8, &isnull),
 			   SPI_getbinval(tup, desc, 9, &isnull));
+	{
+		Datum	   *elems;
+		bool	   *nulls;
+		int			n;
+
+		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 10, &isnull)),
+						  TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
+		cfg.limits_fixed = true;
+		for (int i = 0; i < n && i < BEAT_MAX_STACKED_KEYS; i++)
+		{
+			cfg.limits[i] = strdup(TextDatumGetCString(elems[i]));
+			if (strstr(cfg.limits[i], "{{") != NULL)
+				cfg.limits_fixed = false;
+		}
+		cfg.nlimits = Min(n, BEAT_MAX_STACKED_KEYS);
+	}
 }
 
 /* Queue a transfer that failed before it started, to be recorded. */
@@ -350,6 +374,21 @@ finish_unsent(Transfer *t)
 	t->next = finished;
 	finished = t;
 	n_finished++;
+}
+
+/* Record a claimed task as failed permanently before any request. */
+static void
+fail_unsent(int64 task_id, int attempt, const char *error)
+{
+	Transfer   *t = calloc(1, sizeof(Transfer));
+
+	if (t == NULL)
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	t->task_id = task_id;
+	t->attempt = attempt;
+	t->req.method = cfg.tmpl ? cfg.tmpl->method : "GET";
+	t->build_error = strdup(error);
+	finish_unsent(t);
 }
 
 /* Build and start the transfer for one claimed task. */
@@ -418,14 +457,19 @@ start_transfer(int64 task_id, int attempt, const char *params)
 	n_inflight++;
 }
 
+static Datum make_array(Datum *values, bool *nulls, int n, Oid typid);
+
 /*
- * Claim up to n due tasks and start their transfers.  In its own short
- * transaction.  Returns how many were claimed; sets *next_due to when the
- * flow's next waiting task is due (0: none) when fewer than n were.
+ * Claim up to n due tasks, charge the flow's limits for each, and start
+ * the transfers of those admitted; in one short transaction.  Returns
+ * true when it got all it asked for, so more may be waiting.  Otherwise
+ * sets *next_due to when something can next be claimed: the flow's next
+ * waiting task, or the next admission of its limits (0: nothing known).
  */
-static int
+static bool
 claim_and_start(int n, TimestampTz *next_due)
 {
+	int			asked = n;
 	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT4OID};
 	Datum		values[3];
 	int			claimed;
@@ -441,23 +485,109 @@ claim_and_start(int n, TimestampTz *next_due)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "pg_beat: claim");
 
-	beat_prepare(&plan_claim,
-				 "SELECT id, attempt, params::text FROM beat.claim($1, $2, $3)",
-				 3, argtypes);
-	beat_execute(plan_claim, values, "   ", SPI_OK_SELECT);
-	claimed = (int) SPI_processed;
-	for (int i = 0; i < claimed; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
+	*next_due = 0;
+	beat_limiter_refresh();
 
-		start_transfer(DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull)),
-					   DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull)),
-					   TextDatumGetCString(SPI_getbinval(tup, desc, 3, &isnull)));
+	/*
+	 * Limits that every call passes (no placeholder): ask first, so that a
+	 * flow at its limit claims nothing, and claim only what they admit.
+	 */
+	if (cfg.nlimits > 0 && cfg.limits_fixed)
+	{
+		char	   *error = NULL;
+		BeatAcquireResult r = beat_limiter_try((const char *const *) cfg.limits,
+											   cfg.nlimits, 1, BEAT_PEEK, &error);
+
+		if (error == NULL && !r.allowed)
+		{
+			*next_due = GetCurrentTimestamp() + r.retry_us;
+			n = 0;
+		}
+		else if (error == NULL && r.remaining < n - 1)
+			n = (int) r.remaining + 1;
 	}
 
-	*next_due = 0;
-	if (claimed < n)
+	claimed = 0;
+	if (n > 0)
+	{
+		Datum	   *refused_ids = palloc(sizeof(Datum) * n);
+		Datum	   *refused_wait = palloc(sizeof(Datum) * n);
+		int			nrefused = 0;
+		int64		soonest = 0;
+		SPITupleTable *rows;
+
+		values[2] = Int32GetDatum(n);
+		beat_prepare(&plan_claim,
+					 "SELECT id, attempt, params::text FROM beat.claim($1, $2, $3)",
+					 3, argtypes);
+		beat_execute(plan_claim, values, "   ", SPI_OK_SELECT);
+		claimed = (int) SPI_processed;
+		rows = SPI_tuptable;
+		for (int i = 0; i < claimed; i++)
+		{
+			HeapTuple	tup = rows->vals[i];
+			TupleDesc	desc = rows->tupdesc;
+			int64		id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+			int			attempt = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
+			char	   *params = TextDatumGetCString(SPI_getbinval(tup, desc, 3, &isnull));
+
+			if (cfg.nlimits > 0)
+			{
+				char	   *keys[BEAT_MAX_STACKED_KEYS];
+				char	   *error = NULL;
+				BeatAcquireResult r;
+
+				if (!beat_render_keys(cfg.limits, cfg.nlimits, params, keys, &error))
+				{
+					fail_unsent(id, attempt, psprintf("limit keys: %s", error));
+					free(error);
+					continue;
+				}
+				r = beat_limiter_try((const char *const *) keys, cfg.nlimits, 1,
+									 BEAT_CHARGE, &error);
+				for (int k = 0; k < cfg.nlimits; k++)
+					free(keys[k]);
+				if (error != NULL)
+				{
+					fail_unsent(id, attempt, error);
+					continue;
+				}
+				if (!r.allowed)
+				{
+					/* wait exactly retry_after, as a scheduled task: not an attempt */
+					refused_ids[nrefused] = Int64GetDatum(id);
+					refused_wait[nrefused++] = Float8GetDatum(r.retry_us / 1000000.0);
+					if (soonest == 0 || r.retry_us < soonest)
+						soonest = r.retry_us;
+					continue;
+				}
+			}
+			start_transfer(id, attempt, params);
+		}
+
+		if (nrefused > 0)
+		{
+			Oid			types[3] = {INT8ARRAYOID, FLOAT8ARRAYOID, TEXTOID};
+			Datum		args[3];
+
+			args[0] = make_array(refused_ids, NULL, nrefused, INT8OID);
+			args[1] = make_array(refused_wait, NULL, nrefused, FLOAT8OID);
+			args[2] = values[1];
+			beat_prepare(&plan_limited,
+						 "UPDATE beat.task t SET state = 'scheduled',"
+						 " run_at = statement_timestamp() + make_interval(secs => r.wait),"
+						 " attempts = greatest(t.attempts - 1, 0),"
+						 " lease_owner = NULL, lease_expires_at = NULL,"
+						 " updated_at = statement_timestamp()"
+						 " FROM unnest($1, $2) AS r(id, wait)"
+						 " WHERE t.id = r.id AND t.state = 'running' AND t.lease_owner = $3",
+						 3, types);
+			beat_execute(plan_limited, args, "   ", SPI_OK_UPDATE);
+			*next_due = GetCurrentTimestamp() + soonest;
+		}
+	}
+
+	if (claimed < n && *next_due == 0)
 	{
 		Datum		ms;
 
@@ -472,12 +602,22 @@ claim_and_start(int n, TimestampTz *next_due)
 													Max((long) ceil(DatumGetFloat8(ms)), 0));
 	}
 
+	/* bound by fixed limits: come back at their next admission */
+	if (n < asked && n > 0 && claimed == n && *next_due == 0)
+	{
+		char	   *error = NULL;
+		BeatAcquireResult r = beat_limiter_try((const char *const *) cfg.limits,
+											   cfg.nlimits, 1, BEAT_PEEK, &error);
+
+		*next_due = GetCurrentTimestamp() + (error == NULL && !r.allowed ? r.retry_us : 0);
+	}
+
 	PopActiveSnapshot();
 	beat_spi_finish();
 	CommitTransactionCommand();
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
-	return claimed;
+	return claimed == asked;
 }
 
 /* Give curl what is ready: sockets, then its timeout if it has come. */
@@ -991,10 +1131,9 @@ beat_worker_main(Datum arg)
 			n_inflight + n_finished < cfg.concurrency)
 		{
 			int			free_slots = cfg.concurrency - n_inflight - n_finished;
-			int			got = claim_and_start(free_slots, &next_due);
 
 			/* a full claim may have left more behind; ask again when slots free */
-			want_claim = (got == free_slots);
+			want_claim = claim_and_start(free_slots, &next_due);
 		}
 
 		drive_curl();

@@ -764,6 +764,18 @@ cmp_int(const void *a, const void *b)
 BeatAcquireResult
 beat_limiter_apply(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode mode)
 {
+	return beat_limiter_try(keys, nkeys, cost, mode, NULL);
+}
+
+/*
+ * The same, but when error is not NULL, a key no limit matches, a cost
+ * too high or a full table is reported in *error (and refused) instead of
+ * raised: the workers fail that one task and go on.
+ */
+BeatAcquireResult
+beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode mode,
+				 char **error)
+{
 	BeatAcquireResult result;
 	const LimitDef *kdefs[BEAT_MAX_STACKED_KEYS];
 	uint32		hashes[BEAT_MAX_STACKED_KEYS];
@@ -774,6 +786,26 @@ beat_limiter_apply(const char *const *keys, int nkeys, int64 cost, BeatLimiterMo
 	memset(&result, 0, sizeof(result));
 	result.allowed = true;
 	result.remaining = PG_INT64_MAX;
+	if (error)
+	{
+		*error = NULL;
+		for (int i = 0; i < nkeys && i < BEAT_MAX_STACKED_KEYS; i++)
+		{
+			const LimitDef *d = strlen(keys[i]) < BEAT_KEY_MAX ? find_def(keys[i]) : NULL;
+
+			if (d == NULL)
+				*error = psprintf("no rate limit matches key \"%s\"", keys[i]);
+			else if (mode != BEAT_REFUND &&
+					 cost > (d->kind == LIMIT_RATE ? d->burst + 1 : d->limit))
+				*error = psprintf("cost " INT64_FORMAT " is more than limit \"%s\" ever admits at once",
+								  cost, d->name);
+			if (*error)
+			{
+				result.allowed = false;
+				return result;
+			}
+		}
+	}
 	if (nkeys > BEAT_MAX_STACKED_KEYS)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
@@ -891,7 +923,16 @@ beat_limiter_apply(const char *const *keys, int nkeys, int64 cost, BeatLimiterMo
 
 		if (full)
 		{
-			if (!make_room(nkeys, now))
+			bool		room = make_room(nkeys, now);
+
+			if (!room && error)
+			{
+				*error = psprintf("too many rate limit keys are in use (beat.limiter_max_keys is %d)",
+								  limiter->max_keys);
+				result.allowed = false;
+				return result;
+			}
+			if (!room)
 				ereport(ERROR,
 						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
 						 errmsg("too many rate limit keys are in use"),

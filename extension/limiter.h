@@ -43,5 +43,7 @@ extern void beat_limiter_clock_assign(const char *newval, void *extra);
 extern void beat_limiter_refresh(void);
 extern BeatAcquireResult beat_limiter_apply(const char *const *keys, int nkeys,
 											int64 cost, BeatLimiterMode mode);
+extern BeatAcquireResult beat_limiter_try(const char *const *keys, int nkeys,
+										  int64 cost, BeatLimiterMode mode, char **error);
 
 #endif							/* BEAT_LIMITER_H */
