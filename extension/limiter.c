@@ -76,7 +76,7 @@ PG_FUNCTION_INFO_V1(beat_drop_limit);
 #define LIMITER_PARTITIONS	16
 #define LIMITS_FILE			"pg_stat/pg_beat_limits.state"
 #define LIMITS_FILE_MAGIC	0x42454154	/* "BEAT" */
-#define LIMITS_FILE_VERSION	1
+#define LIMITS_FILE_VERSION	2
 
 typedef enum LimitKind
 {
@@ -102,6 +102,7 @@ typedef struct LimitDef
 	int64		burst;			/* rate */
 	QuotaWindow window;			/* quota */
 	char		time_zone[64];	/* quota */
+	int64		created;		/* created_at: a dropped and re-created limit starts afresh */
 	int			nsegments;		/* ':'-separated segments of the name */
 	bool		is_template;
 } LimitDef;
@@ -111,6 +112,7 @@ typedef struct LimitBucket
 {
 	char		key[BEAT_KEY_MAX];	/* hash key: must be first */
 	char		limit_name[BEAT_KEY_MAX];
+	int64		limit_created;	/* the definition's created_at */
 	LimitKind	kind;
 	int64		limit;			/* the settings the state was computed with */
 	int64		period_us;
@@ -452,7 +454,7 @@ beat_limiter_refresh(void)
 	beat_prepare(&plan_defs,
 				 "SELECT name, kind, \"limit\","
 				 " (extract(epoch FROM coalesce(period, '0')) * 1000000)::bigint,"
-				 " burst, coalesce(quota_window, ''), time_zone"
+				 " burst, coalesce(quota_window, ''), time_zone, created_at"
 				 " FROM beat.rate_limit ORDER BY name",
 				 0, NULL);
 	beat_execute(plan_defs, NULL, NULL, SPI_OK_SELECT);
@@ -477,6 +479,7 @@ beat_limiter_refresh(void)
 			strcmp(window, "month") == 0 ? WINDOW_MONTH : WINDOW_DAY;
 		strlcpy(d->time_zone, TextDatumGetCString(SPI_getbinval(tup, desc, 7, &isnull)),
 				sizeof(d->time_zone));
+		d->created = DatumGetTimestampTz(SPI_getbinval(tup, desc, 8, &isnull));
 		d->is_template = strstr(d->name, "{{") != NULL;
 	}
 	if (SPI_finish() != SPI_OK_FINISH)
@@ -524,10 +527,12 @@ ceil_div(int128 a, int64 b)
 static void
 bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh)
 {
-	if (fresh || b->kind != d->kind || strcmp(b->limit_name, d->name) != 0)
+	if (fresh || b->kind != d->kind || b->limit_created != d->created ||
+		strcmp(b->limit_name, d->name) != 0)
 	{
 		memset(((char *) b) + BEAT_KEY_MAX, 0, sizeof(LimitBucket) - BEAT_KEY_MAX);
 		strlcpy(b->limit_name, d->name, BEAT_KEY_MAX);
+		b->limit_created = d->created;
 		b->kind = d->kind;
 		b->limit = d->limit;
 		b->period_us = d->period_us;
@@ -538,10 +543,16 @@ bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh)
 	}
 	if (b->kind == LIMIT_RATE && (b->limit != d->limit || b->period_us != d->period_us))
 	{
-		/* keep the owed time in microseconds, at the new scale */
-		int128		tat_us = b->tat / b->limit;
+		/*
+		 * Keep the units still owed, and pay them at the new rate: what was
+		 * tat - now at T_old becomes (tat - now) * T_new / T_old, rounded
+		 * up.  Scaled: tat' = now * L' + (tat - now * L) * P' / P.
+		 */
+		int128		t_old = (int128) now * b->limit;
+		int128		owed = b->tat > t_old ? b->tat - t_old : 0;
 
-		b->tat = tat_us * d->limit;
+		b->tat = (int128) now * d->limit +
+			(owed * d->period_us + b->period_us - 1) / b->period_us;
 	}
 	b->limit = d->limit;
 	b->period_us = d->period_us;
@@ -1168,6 +1179,17 @@ beat_limiter_status_rows(PG_FUNCTION_ARGS)
 		Datum		values[8];
 		bool		nulls[8] = {false, false, false, false, false, false, false, false};
 		Decision	d = bucket_decide(b, 1, now);
+		int64		whole_us;
+
+		/* as the bucket is now, not after a charge */
+		if (b->kind == LIMIT_RATE)
+		{
+			int128		t = (int128) now * b->limit;
+
+			whole_us = b->tat > t ? ceil_div(b->tat - t, b->limit) : 0;
+		}
+		else
+			whole_us = b->used > 0 ? b->window_end - now : 0;
 
 		values[0] = CStringGetTextDatum(b->key);
 		values[1] = CStringGetTextDatum(b->limit_name);
@@ -1175,7 +1197,7 @@ beat_limiter_status_rows(PG_FUNCTION_ARGS)
 		values[3] = Int64GetDatum(b->limit);
 		values[4] = Int64GetDatum(d.allowed ? d.remaining + 1 : d.remaining);
 		values[5] = TimestampTzGetDatum(now + (d.allowed ? 0 : d.retry_us));
-		values[6] = TimestampTzGetDatum(now + d.reset_us);
+		values[6] = TimestampTzGetDatum(now + whole_us);
 		values[7] = TimestampTzGetDatum(b->not_before);
 		nulls[7] = b->not_before <= now;
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
