@@ -42,6 +42,7 @@
 #include "utils/snapmgr.h"
 
 #include "pg_beat.h"
+#include "limiter.h"
 
 /* What the launcher knows of each slot it started (process-local). */
 typedef struct LauncherSlot
@@ -594,6 +595,9 @@ beat_launcher_main(Datum arg)
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 	}
+
+	/* a clean stop: keep the exact quota counts for the next start */
+	beat_limiter_save();
 
 	/* exit 1 so that the postmaster starts us again after bgw_restart_time */
 	proc_exit(1);

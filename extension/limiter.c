@@ -33,7 +33,8 @@
  * raises the marks (by about 1% of the limit) and fsyncs the file, under
  * beat_limiter_file_lock.  After a crash each quota restarts at its mark:
  * it never admits more than its limit, and may lose up to the 1% it had
- * reserved.  A clean shutdown writes the exact counts.
+ * reserved.  A smart or fast shutdown writes the exact counts (the
+ * launcher does, as it stops).
  *
  *-------------------------------------------------------------------------
  */
@@ -160,6 +161,9 @@ static int64 clock_override = 0;	/* beat.limiter_clock, 0 = real time */
 
 static SPIPlanPtr plan_defs = NULL;
 
+static void lock_all(LWLockMode mode);
+static void unlock_all(void);
+
 /* The limiter's share of shared memory. */
 Size
 beat_limiter_shmem_size(void)
@@ -284,21 +288,35 @@ fail:
 			 errmsg("pg_beat: could not write \"%s\": %m", tmp)));
 }
 
-/* At postmaster shutdown: save the exact quota counts. */
-static void
-limiter_shmem_shutdown(int code, Datum arg)
+/*
+ * Save the exact quota counts (the launcher does it when it stops on
+ * SIGTERM, so at every smart or fast shutdown, never at an immediate one or
+ * a crash, when shared memory may be half-written).  The durable marks in
+ * memory come down to the counts written, so that what is admitted after
+ * this raises them in the file again.
+ */
+void
+beat_limiter_save(void)
 {
-	/* only a clean shutdown: after a crash the marks on disk are right */
-	if (code != 0 || limiter == NULL)
+	HASH_SEQ_STATUS seq;
+	LimitBucket *b;
+
+	if (limiter == NULL)
 		return;
+	LWLockAcquire(limiter->file_lock, LW_EXCLUSIVE);
+	lock_all(LW_EXCLUSIVE);
 	PG_TRY();
 	{
 		write_limits_file(true);
+		hash_seq_init(&seq, buckets);
+		while ((b = hash_seq_search(&seq)) != NULL)
+			if (b->kind == LIMIT_QUOTA)
+				b->durable_mark = b->used;
 	}
-	PG_CATCH();
+	PG_FINALLY();
 	{
-		EmitErrorReport();
-		FlushErrorState();
+		unlock_all();
+		LWLockRelease(limiter->file_lock);
 	}
 	PG_END_TRY();
 }
@@ -329,12 +347,8 @@ beat_limiter_shmem_startup(void)
 							beat_limiter_max_keys, beat_limiter_max_keys,
 							&info, HASH_ELEM | HASH_STRINGS | HASH_PARTITION);
 
-	if (!IsUnderPostmaster)
-	{
-		if (!found)
-			load_limits_file();
-		on_shmem_exit(limiter_shmem_shutdown, (Datum) 0);
-	}
+	if (!IsUnderPostmaster && !found)
+		load_limits_file();
 }
 
 /* The limiter's "now" in microseconds: real time, or beat.limiter_clock. */

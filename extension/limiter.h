@@ -41,6 +41,7 @@ extern void beat_limiter_init(void);
 extern bool beat_limiter_clock_check(char **newval, void **extra, GucSource source);
 extern void beat_limiter_clock_assign(const char *newval, void *extra);
 extern void beat_limiter_refresh(void);
+extern void beat_limiter_save(void);
 extern BeatAcquireResult beat_limiter_apply(const char *const *keys, int nkeys,
 											int64 cost, BeatLimiterMode mode);
 extern BeatAcquireResult beat_limiter_try(const char *const *keys, int nkeys,
