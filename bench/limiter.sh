@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# bench/limiter.sh — how fast pg_beat's shared-memory limiter answers, in one
+# run, beside what the same check costs through Redis on the same machine.
+#
+#   1. the C path a flow worker calls (beat.bench_acquire: a loop inside one
+#      backend), 3 stacked keys: checks/s, p50 and p99 of one check; then two
+#      backends at once;
+#   2. SQL: pgbench running SELECT beat.acquire('{3 keys}') against SELECT 1,
+#      1 and 8 clients, 10 s each;
+#   3. Redis: the same stacked check (3 GCRA keys, all or nothing) as a Lua
+#      script, EVALSHA through redis-benchmark, 1 and 8 clients.
+#
+# Run as root after `make install` (it installs redis-server if missing).
+# Everything runs on this machine: a throwaway cluster on a unix socket and
+# a redis-server on 127.0.0.1; both are stopped at the end.
+set -uo pipefail
+
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+PGBIN=$("$PG_CONFIG" --bindir)
+PORT=${BENCH_PORT:-55434}
+SECONDS_EACH=${BENCH_SECONDS:-10}
+
+if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
+fi
+
+DIR=$(mktemp -d /tmp/pg_beat_limiter.XXXXXX)
+chown postgres "$DIR"
+as_pg() { runuser -u postgres -- "$@"; }
+cleanup() {
+    as_pg "$PGBIN/pg_ctl" -D "$DIR/data" -m immediate stop >/dev/null 2>&1 || true
+    [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+as_pg "$PGBIN/initdb" -D "$DIR/data" -A trust >/dev/null
+cat >> "$DIR/data/postgresql.conf" <<CONF
+port = $PORT
+listen_addresses = ''
+unix_socket_directories = '$DIR'
+shared_preload_libraries = 'pg_beat'
+shared_buffers = 256MB
+CONF
+as_pg "$PGBIN/pg_ctl" -D "$DIR/data" -l "$DIR/log" -w start >/dev/null
+psql() { as_pg "$PGBIN/psql" -h "$DIR" -p "$PORT" -X -q -At "$@" postgres; }
+psql -c 'CREATE EXTENSION pg_beat'
+# Three stacked limits as a worker would pass them: a daily quota, a rate
+# per minute, a rate per handle.  (No ':' in the names: pgbench would read
+# ":name" in its script as a variable.)
+psql -c "SELECT (beat.set_limit('global_day', 1000000000, quota => 'day')).name" >/dev/null
+psql -c "SELECT (beat.set_limit('global_minute', 1000000000, per => '1 minute', burst => 1000000)).name" >/dev/null
+for h in alice bob carol; do
+    psql -c "SELECT (beat.set_limit('handle_$h', 1000000, per => '1 second', burst => 1000)).name" >/dev/null
+done
+KEYS="{global_day,global_minute,handle_alice}"
+
+echo "## pg_beat limiter, $(date -u +%F), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), $(uname -r), $("$PGBIN/postgres" --version)"
+echo
+echo "| measurement | figure |"
+echo "|---|---|"
+
+# 1. in-process
+one=$(psql -c "SELECT round(checks_per_second), round(p50_ns), round(p99_ns) FROM beat.bench_acquire('$KEYS', 2000000)")
+IFS='|' read -r rate p50 p99 <<<"$one"
+echo "| C path, 3 stacked keys, 1 backend | $rate checks/s, p50 ${p50} ns, p99 ${p99} ns |"
+psql -c "SELECT round(checks_per_second) FROM beat.bench_acquire('{global_day,global_minute,handle_bob}', 2000000)" >"$DIR/a" &
+psql -c "SELECT round(checks_per_second) FROM beat.bench_acquire('{global_day,global_minute,handle_carol}', 2000000)" >"$DIR/b" &
+wait
+a=$(cat "$DIR/a"); b=$(cat "$DIR/b")
+echo "| C path, 2 backends at once (shared global keys) | $a + $b = $((a + b)) checks/s ($(awk -v s=$((a + b)) -v o="$rate" 'BEGIN {printf "%.2f", s / o}')x one backend) |"
+
+# 2. SQL through pgbench
+echo "SELECT beat.acquire('$KEYS');" >"$DIR/acquire.sql"
+echo "SELECT 1;" >"$DIR/one.sql"
+chown postgres "$DIR"/*.sql
+pgb() { as_pg "$PGBIN/pgbench" -n -h "$DIR" -p "$PORT" -T "$SECONDS_EACH" -M prepared "$@" postgres 2>"$DIR/pgbench.err" | awk '/^tps/ {printf "%.0f", $3}'; }
+for c in 1 8; do
+    one_tps=$(pgb -c "$c" -j "$((c < 2 ? 1 : 2))" -f "$DIR/one.sql")
+    acq_tps=$(pgb -c "$c" -j "$((c < 2 ? 1 : 2))" -f "$DIR/acquire.sql")
+    [ -n "$acq_tps" ] || { echo "pgbench failed:"; head -3 "$DIR/pgbench.err"; }
+    echo "| SQL, $c client(s): SELECT beat.acquire(3 keys) vs SELECT 1 | $acq_tps vs $one_tps tps ($(awk -v a="$acq_tps" -v o="$one_tps" 'BEGIN {printf "%.1f%%", 100 * a / o}') of SELECT 1) |"
+done
+
+# 3. Redis: the same stacked check as a Lua script (GCRA per key, all or nothing)
+redis-server --port 56379 --bind 127.0.0.1 --save '' --appendonly no --daemonize no >/dev/null 2>&1 &
+REDIS_PID=$!
+for _ in $(seq 50); do redis-cli -p 56379 ping >/dev/null 2>&1 && break; sleep 0.1; done
+LUA='local now = redis.call("TIME") local t = now[1] * 1000000 + now[2]
+local T = tonumber(ARGV[1]) local tau = tonumber(ARGV[2])
+local tats = {} local allowed = true
+for i, k in ipairs(KEYS) do
+  local tat = tonumber(redis.call("GET", k) or t) if tat < t then tat = t end
+  if tat + T - t > tau + T then allowed = false end
+  tats[i] = tat + T
+end
+if allowed then for i, k in ipairs(KEYS) do redis.call("SET", k, tats[i], "PX", 60000) end end
+return allowed and 1 or 0'
+SHA=$(redis-cli -p 56379 SCRIPT LOAD "$LUA")
+for c in 1 8; do
+    out=$(redis-benchmark -p 56379 -c "$c" -n 200000 -q EVALSHA "$SHA" 3 k:day k:minute k:handle 1 1000000000 2>/dev/null | tr '\r' '\n' | grep -E 'requests per second' | tail -1)
+    rps=$(echo "$out" | grep -oE '[0-9.]+ requests per second' | awk '{printf "%.0f", $1}')
+    rp50=$(echo "$out" | grep -oE 'p50=[0-9.]+' | cut -d= -f2)
+    echo "| Redis Lua stacked check (EVALSHA, 3 keys), $c client(s) | $rps checks/s, p50 ${rp50:-?} ms per round trip |"
+    [ "$c" = 1 ] && redis_p50_ns=$(awk -v ms="${rp50:-0}" 'BEGIN {printf "%.0f", ms * 1000000}')
+done
+echo
+echo "One check, one client: pg_beat's C path ${p50} ns (p50); the same check through Redis ${redis_p50_ns} ns per round trip: $(awk -v r="$redis_p50_ns" -v p="$p50" 'BEGIN {printf "%.0fx", r / p}') faster in shared memory."
