@@ -1068,8 +1068,19 @@ acquire_sql(FunctionCallInfo fcinfo, BeatLimiterMode mode)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("cost must be positive")));
 	keys = keys_arg(PG_GETARG_ARRAYTYPE_P(0), &n);
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "pg_beat: acquire must return a record");
+
+	/* the result's descriptor, blessed once per call site */
+	tupdesc = (TupleDesc) fcinfo->flinfo->fn_extra;
+	if (tupdesc == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(fcinfo->flinfo->fn_mcxt);
+
+		if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+			elog(ERROR, "pg_beat: acquire must return a record");
+		tupdesc = BlessTupleDesc(CreateTupleDescCopy(tupdesc));
+		fcinfo->flinfo->fn_extra = tupdesc;
+		MemoryContextSwitchTo(old);
+	}
 
 	beat_limiter_refresh();
 	r = beat_limiter_apply(keys, n, cost, mode);
@@ -1082,8 +1093,7 @@ acquire_sql(FunctionCallInfo fcinfo, BeatLimiterMode mode)
 		values[2] = CStringGetTextDatum(r.blocking_key);
 	values[3] = Int64GetDatum(r.remaining);
 	values[4] = interval_us(r.reset_us);
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc),
-													  values, nulls)));
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
 /* beat.acquire(keys, cost): admit and charge every key, or none. */

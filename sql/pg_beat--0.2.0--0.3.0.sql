@@ -60,12 +60,14 @@ AS 'MODULE_PATHNAME', 'beat_drop_limit'
 LANGUAGE C VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 -- Admit cost through every key, charging all of them, or refuse and charge none.
+-- The limiter functions run no SQL but a rare read of beat.rate_limit, so
+-- they run as the caller: no SECURITY DEFINER, no per-call search_path.
 CREATE FUNCTION beat.acquire(keys text[], cost integer DEFAULT 1,
     OUT allowed boolean, OUT retry_after interval, OUT blocking_key text,
     OUT remaining bigint, OUT reset_after interval)
 RETURNS record
 AS 'MODULE_PATHNAME', 'beat_acquire'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 
 -- What beat.acquire would answer, charging nothing.
 CREATE FUNCTION beat.peek(keys text[], cost integer DEFAULT 1,
@@ -73,19 +75,19 @@ CREATE FUNCTION beat.peek(keys text[], cost integer DEFAULT 1,
     OUT remaining bigint, OUT reset_after interval)
 RETURNS record
 AS 'MODULE_PATHNAME', 'beat_peek'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 
 -- Give back a charge for a call that was never made.
 CREATE FUNCTION beat.refund(keys text[], cost integer DEFAULT 1)
 RETURNS void
 AS 'MODULE_PATHNAME', 'beat_refund'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 
 -- Admit nothing through key before until (a provider's Retry-After).
 CREATE FUNCTION beat.penalize(key text, until timestamptz)
 RETURNS void
 AS 'MODULE_PATHNAME', 'beat_penalize'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 
 -- Time the limiter's C path in this backend.
 CREATE FUNCTION beat.bench_acquire(keys text[], iterations integer DEFAULT 1000000,
