@@ -20,12 +20,15 @@
  * day, week, month) of its time zone and starts at zero in the next.
  *
  * Locking.  Buckets live in one shared hash table, partitioned 16 ways;
- * a key's partition lock (an LWLock) guards its bucket.  An acquire takes
- * the exclusive locks of all its keys' partitions in ascending order,
- * decides every key, and charges all of them or none.  Growing the table
- * when it is full, and writing the quota file, take every partition lock
- * (in order) after releasing what they held, so no lock order is ever
- * inverted.
+ * a key's partition spinlock guards its bucket.  An acquire takes the
+ * spinlocks of all its keys' partitions in ascending order, decides every
+ * key, and charges all of them or none: a few hundred nanoseconds of
+ * arithmetic, nothing that can raise an error or wait (a quota's new
+ * calendar window is computed with the locks released, then the acquire
+ * starts over).  Dropping idle buckets and taking a snapshot for the quota
+ * file take every partition spinlock in order after releasing what they
+ * held; the file itself is written with the spinlocks released, under the
+ * LWLock file_lock.
  *
  * Quotas survive restarts and crashes like sequences do.  A quota admits
  * only up to a "durable mark" that is already in the file
@@ -55,6 +58,7 @@
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
+#include "storage/spin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
@@ -137,12 +141,19 @@ typedef struct Decision
 } Decision;
 
 /* The limiter's shared state. */
+/* A spinlock alone on its cache line. */
+typedef union PaddedSpin
+{
+	slock_t		lock;
+	char		pad[PG_CACHE_LINE_SIZE];
+} PaddedSpin;
+
 typedef struct LimiterShared
 {
 	pg_atomic_uint32 defs_generation;
 	int			max_keys;
-	LWLockPadded *locks;		/* LIMITER_PARTITIONS partition locks */
 	LWLock	   *file_lock;		/* serializes writes of LIMITS_FILE */
+	PaddedSpin	locks[LIMITER_PARTITIONS];	/* partition locks */
 } LimiterShared;
 
 int			beat_limiter_max_keys = 10000;
@@ -161,7 +172,7 @@ static int64 clock_override = 0;	/* beat.limiter_clock, 0 = real time */
 
 static SPIPlanPtr plan_defs = NULL;
 
-static void lock_all(LWLockMode mode);
+static void lock_all(void);
 static void unlock_all(void);
 
 /* The limiter's share of shared memory. */
@@ -176,7 +187,7 @@ beat_limiter_shmem_size(void)
 void
 beat_limiter_shmem_request(void)
 {
-	RequestNamedLWLockTranche("pg_beat limiter", LIMITER_PARTITIONS + 1);
+	RequestNamedLWLockTranche("pg_beat limiter", 1);
 }
 
 /* Read the quota file into fresh buckets (postmaster, at startup). */
@@ -223,19 +234,16 @@ load_limits_file(void)
 }
 
 /*
- * Write every quota bucket to the file with its durable mark (its exact
- * count when exact is true), durably.  The caller holds every partition
- * lock and the file lock.
+ * Write quota buckets (a snapshot: the spinlocks are not held) to the
+ * file, durably, with the durable_mark each carries.  The caller holds
+ * file_lock.
  */
 static void
-write_limits_file(bool exact)
+write_limits_file(const LimitBucket *snap, int32 count)
 {
 	char		tmp[MAXPGPATH];
 	FILE	   *f;
 	uint32		header[2] = {LIMITS_FILE_MAGIC, LIMITS_FILE_VERSION};
-	int32		count = 0;
-	HASH_SEQ_STATUS seq;
-	LimitBucket *b;
 
 	snprintf(tmp, sizeof(tmp), "%s.tmp", LIMITS_FILE);
 	f = AllocateFile(tmp, PG_BINARY_W);
@@ -243,49 +251,49 @@ write_limits_file(bool exact)
 		ereport(ERROR,
 				(errcode_for_file_access(),
 				 errmsg("pg_beat: could not write \"%s\": %m", tmp)));
-
-	hash_seq_init(&seq, buckets);
-	while ((b = hash_seq_search(&seq)) != NULL)
-		if (b->kind == LIMIT_QUOTA)
-			count++;
-
 	if (fwrite(header, sizeof(header), 1, f) != 1 ||
-		fwrite(&count, sizeof(count), 1, f) != 1)
-		goto fail;
+		fwrite(&count, sizeof(count), 1, f) != 1 ||
+		(count > 0 && fwrite(snap, sizeof(LimitBucket), count, f) != (size_t) count) ||
+		fflush(f) != 0 || pg_fsync(fileno(f)) != 0)
+	{
+		int			save_errno = errno;
+
+		FreeFile(f);
+		unlink(tmp);
+		errno = save_errno;
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("pg_beat: could not write \"%s\": %m", tmp)));
+	}
+	if (FreeFile(f) != 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("pg_beat: could not write \"%s\": %m", tmp)));
+	durable_rename(tmp, LIMITS_FILE, ERROR);
+}
+
+/*
+ * Copy the quota buckets into snap (room for max_keys).  The caller holds
+ * every partition spinlock.  With exact, the copies carry their counts as
+ * marks, and the marks in memory come down to the counts too.
+ */
+static int32
+snapshot_quotas(LimitBucket *snap, bool exact)
+{
+	HASH_SEQ_STATUS seq;
+	LimitBucket *b;
+	int32		n = 0;
+
 	hash_seq_init(&seq, buckets);
 	while ((b = hash_seq_search(&seq)) != NULL)
 	{
-		LimitBucket copy;
-
 		if (b->kind != LIMIT_QUOTA)
 			continue;
-		memcpy(&copy, b, sizeof(copy));
 		if (exact)
-			copy.durable_mark = b->used;
-		if (fwrite(&copy, sizeof(copy), 1, f) != 1)
-		{
-			hash_seq_term(&seq);
-			goto fail;
-		}
+			b->durable_mark = b->used;
+		memcpy(&snap[n++], b, sizeof(LimitBucket));
 	}
-	if (fflush(f) != 0 || pg_fsync(fileno(f)) != 0)
-		goto fail;
-	if (FreeFile(f) != 0)
-	{
-		f = NULL;
-		goto fail;
-	}
-	f = NULL;
-	durable_rename(tmp, LIMITS_FILE, ERROR);
-	return;
-
-fail:
-	if (f)
-		FreeFile(f);
-	unlink(tmp);
-	ereport(ERROR,
-			(errcode_for_file_access(),
-			 errmsg("pg_beat: could not write \"%s\": %m", tmp)));
+	return n;
 }
 
 /*
@@ -298,27 +306,31 @@ fail:
 void
 beat_limiter_save(void)
 {
-	HASH_SEQ_STATUS seq;
-	LimitBucket *b;
+	LimitBucket *snap;
+	int32		n;
 
 	if (limiter == NULL)
 		return;
+	snap = palloc(sizeof(LimitBucket) * limiter->max_keys);
+
+	/*
+	 * Hold file_lock until the file is written: an acquire that needs a
+	 * mark above the counts we write waits for it, then raises it again.
+	 */
 	LWLockAcquire(limiter->file_lock, LW_EXCLUSIVE);
-	lock_all(LW_EXCLUSIVE);
+	lock_all();
+	n = snapshot_quotas(snap, true);
+	unlock_all();
 	PG_TRY();
 	{
-		write_limits_file(true);
-		hash_seq_init(&seq, buckets);
-		while ((b = hash_seq_search(&seq)) != NULL)
-			if (b->kind == LIMIT_QUOTA)
-				b->durable_mark = b->used;
+		write_limits_file(snap, n);
 	}
 	PG_FINALLY();
 	{
-		unlock_all();
 		LWLockRelease(limiter->file_lock);
 	}
 	PG_END_TRY();
+	pfree(snap);
 }
 
 /* Allocate or attach to the limiter's shared memory (shmem startup hook). */
@@ -331,12 +343,11 @@ beat_limiter_shmem_startup(void)
 	limiter = ShmemInitStruct("pg_beat limiter", sizeof(LimiterShared), &found);
 	if (!found)
 	{
-		LWLockPadded *tranche = GetNamedLWLockTranche("pg_beat limiter");
-
 		pg_atomic_init_u32(&limiter->defs_generation, 1);
 		limiter->max_keys = beat_limiter_max_keys;
-		limiter->locks = tranche;
-		limiter->file_lock = &tranche[LIMITER_PARTITIONS].lock;
+		limiter->file_lock = &(GetNamedLWLockTranche("pg_beat limiter"))->lock;
+		for (int i = 0; i < LIMITER_PARTITIONS; i++)
+			SpinLockInit(&limiter->locks[i].lock);
 	}
 
 	memset(&info, 0, sizeof(info));
@@ -535,11 +546,14 @@ ceil_div(int128 a, int64 b)
 /*
  * Bring a bucket in line with its definition and the time: a new bucket
  * starts whole; changed settings take effect at once (a rate keeps the
- * time it owes, rescaled; a quota keeps its count); a quota in a new
- * window starts at zero.
+ * units it owes, paid at the new rate; a quota keeps its count); a quota
+ * in a new window starts at zero.  Runs under a spinlock: a quota that
+ * needs its window for now gets it in window ([start, end)); without one,
+ * it returns false and the caller computes it with the lock released.
  */
-static void
-bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh)
+static bool
+bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh,
+			const int64 *window)
 {
 	if (fresh || b->kind != d->kind || b->limit_created != d->created ||
 		strcmp(b->limit_name, d->name) != 0)
@@ -574,19 +588,18 @@ bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh)
 	if (b->kind == LIMIT_QUOTA && (b->window != d->window || now >= b->window_end ||
 								   now < b->window_start))
 	{
-		int64		start;
-		int64		end;
-
-		quota_window(d, now, &start, &end);
-		if (start != b->window_start || b->window != d->window)
+		if (window == NULL)
+			return false;
+		if (window[0] != b->window_start || b->window != d->window)
 		{
 			b->used = 0;
 			b->durable_mark = 0;
 		}
 		b->window = d->window;
-		b->window_start = start;
-		b->window_end = end;
+		b->window_start = window[0];
+		b->window_end = window[1];
 	}
+	return true;
 }
 
 /* Decide cost for one bucket at now, without changing it. */
@@ -674,20 +687,20 @@ bucket_idle(const LimitBucket *b, int64 now)
 	return b->used == 0 || now >= b->window_end;
 }
 
-/* Acquire every partition lock, in order. */
+/* Take every partition spinlock, in order. */
 static void
-lock_all(LWLockMode mode)
+lock_all(void)
 {
 	for (int i = 0; i < LIMITER_PARTITIONS; i++)
-		LWLockAcquire(&limiter->locks[i].lock, mode);
+		SpinLockAcquire(&limiter->locks[i].lock);
 }
 
-/* Release every partition lock. */
+/* Release every partition spinlock. */
 static void
 unlock_all(void)
 {
 	for (int i = LIMITER_PARTITIONS - 1; i >= 0; i--)
-		LWLockRelease(&limiter->locks[i].lock);
+		SpinLockRelease(&limiter->locks[i].lock);
 }
 
 /*
@@ -702,7 +715,7 @@ make_room(int need, int64 now)
 	long		room;
 	bool		ok;
 
-	lock_all(LW_EXCLUSIVE);
+	lock_all();
 	room = limiter->max_keys - hash_get_num_entries(buckets);
 	if (room < need)
 	{
@@ -734,32 +747,45 @@ make_room(int need, int64 now)
 static void
 raise_marks(int64 cost)
 {
-	HASH_SEQ_STATUS seq;
-	LimitBucket *b;
+	LimitBucket *snap = palloc(sizeof(LimitBucket) * limiter->max_keys);
+	int32		n;
 
 	LWLockAcquire(limiter->file_lock, LW_EXCLUSIVE);
-	lock_all(LW_EXCLUSIVE);
-	hash_seq_init(&seq, buckets);
-	while ((b = hash_seq_search(&seq)) != NULL)
-	{
-		int64		step;
+	lock_all();
+	n = snapshot_quotas(snap, false);
+	unlock_all();
 
-		if (b->kind != LIMIT_QUOTA)
-			continue;
-		step = Max(b->limit / 100, 1);
+	/* the new marks, in the copies */
+	for (int i = 0; i < n; i++)
+	{
+		LimitBucket *b = &snap[i];
+		int64		step = Max(b->limit / 100, 1);
+
 		if (b->durable_mark < Min(b->used + Max(cost, step), b->limit))
 			b->durable_mark = Min(b->used + Max(cost, step) + step, b->limit);
 	}
 	PG_TRY();
 	{
-		write_limits_file(false);
+		write_limits_file(snap, n);
 	}
 	PG_FINALLY();
 	{
-		unlock_all();
 		LWLockRelease(limiter->file_lock);
 	}
 	PG_END_TRY();
+
+	/* durable now: let memory use them (unless a window has rolled over) */
+	lock_all();
+	for (int i = 0; i < n; i++)
+	{
+		LimitBucket *b = hash_search(buckets, snap[i].key, HASH_FIND, NULL);
+
+		if (b && b->kind == LIMIT_QUOTA && b->window_start == snap[i].window_start &&
+			b->durable_mark < snap[i].durable_mark)
+			b->durable_mark = snap[i].durable_mark;
+	}
+	unlock_all();
+	pfree(snap);
 }
 
 /* Compare int64s for qsort. */
@@ -807,6 +833,8 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 	int			parts[BEAT_MAX_STACKED_KEYS];
 	int			nparts;
 	int64		now = limiter_now();
+	int64		windows[BEAT_MAX_STACKED_KEYS][2];
+	bool		have_window[BEAT_MAX_STACKED_KEYS] = {false};
 
 	memset(&result, 0, sizeof(result));
 	result.allowed = true;
@@ -877,11 +905,12 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 		LimitBucket *b[BEAT_MAX_STACKED_KEYS];
 		bool		full = false;
 		bool		need_mark = false;
+		int			need_window = -1;
 
 		for (int i = 0; i < nparts; i++)
-			LWLockAcquire(&limiter->locks[parts[i]].lock, LW_EXCLUSIVE);
+			SpinLockAcquire(&limiter->locks[parts[i]].lock);
 
-		for (int i = 0; i < nkeys && !full; i++)
+		for (int i = 0; i < nkeys && !full && need_window < 0; i++)
 		{
 			bool		found;
 
@@ -902,10 +931,12 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 					break;
 				}
 			}
-			bucket_sync(b[i], kdefs[i], now, !found);
+			if (!bucket_sync(b[i], kdefs[i], now, !found,
+							 have_window[i] ? windows[i] : NULL))
+				need_window = i;
 		}
 
-		if (!full)
+		if (!full && need_window < 0)
 		{
 			memset(&result, 0, sizeof(result));
 			result.allowed = true;
@@ -944,8 +975,16 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 		}
 
 		for (int i = nparts - 1; i >= 0; i--)
-			LWLockRelease(&limiter->locks[parts[i]].lock);
+			SpinLockRelease(&limiter->locks[parts[i]].lock);
 
+		if (need_window >= 0)
+		{
+			/* a quota entered a new window: compute it unlocked, start over */
+			quota_window(kdefs[need_window], now, &windows[need_window][0],
+						 &windows[need_window][1]);
+			have_window[need_window] = true;
+			continue;
+		}
 		if (full)
 		{
 			bool		room = make_room(nkeys, now);
@@ -1137,9 +1176,11 @@ beat_penalize(PG_FUNCTION_ARGS)
 	TimestampTz until;
 	const LimitDef *d;
 	uint32		hash;
-	LWLock	   *lock;
+	slock_t    *lock;
 	LimitBucket *b;
 	bool		found;
+	int64		now = limiter_now();
+	int64		window[2] = {0, 0};
 
 	beat_require(fcinfo, 0, "key");
 	beat_require(fcinfo, 1, "until");
@@ -1161,24 +1202,26 @@ beat_penalize(PG_FUNCTION_ARGS)
 				 errmsg("no rate limit matches key \"%s\"", key),
 				 errhint("Define one with beat.set_limit().")));
 
+	if (d->kind == LIMIT_QUOTA)
+		quota_window(d, now, &window[0], &window[1]);
 	for (;;)
 	{
 		hash = get_hash_value(buckets, key);
 		lock = &limiter->locks[hash % LIMITER_PARTITIONS].lock;
-		LWLockAcquire(lock, LW_EXCLUSIVE);
+		SpinLockAcquire(lock);
 		b = hash_search_with_hash_value(buckets, key, hash, HASH_FIND, &found);
 		if (b == NULL && hash_get_num_entries(buckets) < limiter->max_keys)
 			b = hash_search_with_hash_value(buckets, key, hash, HASH_ENTER_NULL, &found);
 		if (b != NULL)
 		{
-			bucket_sync(b, d, limiter_now(), !found);
+			(void) bucket_sync(b, d, now, !found, window);
 			if (until > b->not_before)
 				b->not_before = until;
-			LWLockRelease(lock);
+			SpinLockRelease(lock);
 			PG_RETURN_VOID();
 		}
-		LWLockRelease(lock);
-		if (!make_room(1, limiter_now()))
+		SpinLockRelease(lock);
+		if (!make_room(1, now))
 			ereport(ERROR,
 					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
 					 errmsg("too many rate limit keys are in use"),
@@ -1193,18 +1236,28 @@ beat_limiter_status_rows(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	HASH_SEQ_STATUS seq;
 	LimitBucket *b;
+	LimitBucket *snap = palloc(sizeof(LimitBucket) * limiter->max_keys);
+	int			n = 0;
 	int64		now = limiter_now();
 
 	InitMaterializedSRF(fcinfo, 0);
-	lock_all(LW_SHARED);
+
+	/* copy under the spinlocks, format without them */
+	lock_all();
 	hash_seq_init(&seq, buckets);
 	while ((b = hash_seq_search(&seq)) != NULL)
+		memcpy(&snap[n++], b, sizeof(LimitBucket));
+	unlock_all();
+
+	for (int i = 0; i < n; i++)
 	{
 		Datum		values[8];
 		bool		nulls[8] = {false, false, false, false, false, false, false, false};
-		Decision	d = bucket_decide(b, 1, now);
+		Decision	d;
 		int64		whole_us;
 
+		b = &snap[i];
+		d = bucket_decide(b, 1, now);
 		/* as the bucket is now, not after a charge */
 		if (b->kind == LIMIT_RATE)
 		{
@@ -1213,7 +1266,7 @@ beat_limiter_status_rows(PG_FUNCTION_ARGS)
 			whole_us = b->tat > t ? ceil_div(b->tat - t, b->limit) : 0;
 		}
 		else
-			whole_us = b->used > 0 ? b->window_end - now : 0;
+			whole_us = b->used > 0 && now < b->window_end ? b->window_end - now : 0;
 
 		values[0] = CStringGetTextDatum(b->key);
 		values[1] = CStringGetTextDatum(b->limit_name);
@@ -1226,7 +1279,7 @@ beat_limiter_status_rows(PG_FUNCTION_ARGS)
 		nulls[7] = b->not_before <= now;
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
-	unlock_all();
+	pfree(snap);
 	return (Datum) 0;
 }
 
