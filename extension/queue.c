@@ -30,6 +30,8 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/timestamp.h"
+#include "utils/uuid.h"
+#include "common/pg_prng.h"
 
 #include "pg_beat.h"
 
@@ -96,6 +98,38 @@ static SPIPlanPtr plan_cancel = NULL;
 static SPIPlanPtr plan_requeue = NULL;
 static SPIPlanPtr plan_reap = NULL;
 static SPIPlanPtr plan_purge = NULL;
+
+/*
+ * A new random (version 4) UUID, for a correlation id nobody gave.  From a
+ * per-backend xoshiro128** seeded with 128 strong random bits: this is an
+ * identifier, not a secret, and gen_random_uuid()'s strong randomness for
+ * every row cost a fifth of a batch enqueue.
+ */
+static Datum
+new_uuid(void)
+{
+	static pg_prng_state prng;
+	static bool seeded = false;
+	pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
+	uint64		hi;
+	uint64		lo;
+
+	if (!seeded)
+	{
+		if (!pg_prng_strong_seed(&prng))
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("could not seed the correlation id generator")));
+		seeded = true;
+	}
+	hi = pg_prng_uint64(&prng);
+	lo = pg_prng_uint64(&prng);
+	memcpy(u->data, &hi, 8);
+	memcpy(u->data + 8, &lo, 8);
+	u->data[6] = (u->data[6] & 0x0f) | 0x40;	/* version 4 */
+	u->data[8] = (u->data[8] & 0x3f) | 0x80;	/* RFC 4122 variant */
+	return UUIDPGetDatum(u);
+}
 
 /* Check the common enqueue arguments at the given positions. */
 static void
@@ -215,8 +249,7 @@ insert_one(EnqueueArgs *a, Jsonb *params, text *key)
 	nulls[3] = a->run_at_null ? 'n' : ' ';
 	values[4] = PointerGetDatum(key);
 	nulls[4] = key == NULL ? 'n' : ' ';
-	values[5] = a->correlation_id;
-	nulls[5] = a->correlation_id_null ? 'n' : ' ';
+	values[5] = a->correlation_id_null ? new_uuid() : a->correlation_id;
 	values[6] = a->max_attempts;
 	nulls[6] = a->max_attempts_null ? 'n' : ' ';
 
@@ -225,7 +258,7 @@ insert_one(EnqueueArgs *a, Jsonb *params, text *key)
 	" correlation_id, max_attempts)" \
 	" SELECT f.name, " INITIAL_STATE("$4") ", $2, coalesce($3, f.priority)," \
 	" coalesce($4, now()), $5," \
-	" coalesce($6, gen_random_uuid()), coalesce($7, f.max_attempts)" \
+	" $6, coalesce($7, f.max_attempts)" \
 	" FROM beat.flow f WHERE f.name = $1" lock " " extra "RETURNING id"
 
 	if (key == NULL && !IsolationUsesXactSnapshot())
@@ -419,7 +452,7 @@ same_text(Datum a, Datum b)
 	" max_attempts" keycol ")" \
 	" SELECT f.name, " INITIAL_STATE("$4") ", u.p, coalesce($3, f.priority)," \
 	" coalesce($4, now())," \
-	" coalesce($5, gen_random_uuid()), coalesce($6, f.max_attempts)" keyarg \
+	" u.c, coalesce($6, f.max_attempts)" keyarg \
 	" FROM beat.flow f, unnest($2" extra ") WITH ORDINALITY AS u(" cols ")" \
 	" WHERE f.name = $1 ORDER BY u.ord" lock " "
 
@@ -441,7 +474,7 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 	ArrayType  *keyarr;
 	int64	   *ids;
 	Oid			argtypes[7] = {TEXTOID, JSONBARRAYOID, INT4OID, TIMESTAMPTZOID,
-	UUIDOID, INT4OID, TEXTARRAYOID};
+	UUIDARRAYOID, INT4OID, TEXTARRAYOID};
 	Datum		values[7];
 	char		nulls[8] = "       ";
 	bool		isnull;
@@ -460,8 +493,15 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 	nulls[2] = a.priority_null ? 'n' : ' ';
 	values[3] = a.run_at;
 	nulls[3] = a.run_at_null ? 'n' : ' ';
-	values[4] = a.correlation_id;
-	nulls[4] = a.correlation_id_null ? 'n' : ' ';
+	/* one correlation id per task: the one given, or a new one each */
+	{
+		Datum	   *cids = palloc(sizeof(Datum) * Max(count, 1));
+
+		for (int i = 0; i < count; i++)
+			cids[i] = a.correlation_id_null ? new_uuid() : a.correlation_id;
+		values[4] = PointerGetDatum(construct_array(cids, count, UUIDOID, UUID_LEN,
+													false, TYPALIGN_CHAR));
+	}
 	values[5] = a.max_attempts;
 	nulls[5] = a.max_attempts_null ? 'n' : ' ';
 	values[6] = PointerGetDatum(keyarr);
@@ -476,11 +516,11 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 
 		if (!IsolationUsesXactSnapshot())
 			plan = beat_prepare(&plan_batch[0][0],
-								BATCH_SQL("", "", "", "p, ord", "") "RETURNING id",
+								BATCH_SQL("", "", ", $5", "p, c, ord", "") "RETURNING id",
 								6, argtypes);
 		else
 			plan = beat_prepare(&plan_batch[0][1],
-								BATCH_SQL("", "", "", "p, ord", FLOW_LOCK) "RETURNING id",
+								BATCH_SQL("", "", ", $5", "p, c, ord", FLOW_LOCK) "RETURNING id",
 								6, argtypes);
 		beat_execute(plan, values, nulls, SPI_OK_INSERT_RETURNING);
 		if (SPI_processed == 0)
@@ -508,12 +548,12 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 
 		if (!IsolationUsesXactSnapshot())
 			plan = beat_prepare(&plan_batch[1][0],
-								BATCH_SQL(", idempotency_key", ", u.k", ", $7", "p, k, ord", "")
+								BATCH_SQL(", idempotency_key", ", u.k", ", $5, $7", "p, c, k, ord", "")
 								IDEMPOTENCY_ARBITER "RETURNING id, idempotency_key",
 								7, argtypes);
 		else
 			plan = beat_prepare(&plan_batch[1][1],
-								BATCH_SQL(", idempotency_key", ", u.k", ", $7", "p, k, ord",
+								BATCH_SQL(", idempotency_key", ", u.k", ", $5, $7", "p, c, k, ord",
 										  FLOW_LOCK)
 								IDEMPOTENCY_ARBITER "RETURNING id, idempotency_key",
 								7, argtypes);

@@ -35,8 +35,11 @@ CREATE TYPE beat.task_state AS ENUM (
 );
 
 -- A named kind of work and the defaults its tasks take.
+-- Names, keys and owners compare byte by byte (COLLATE "C"): they are
+-- only ever matched for equality or a fixed alphabet, and the indexes on
+-- them need no locale rules.
 CREATE TABLE beat.flow (
-    name            text PRIMARY KEY
+    name            text COLLATE "C" PRIMARY KEY
                     CHECK (name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
     max_attempts    integer NOT NULL DEFAULT 5
                     CHECK (max_attempts BETWEEN 1 AND 1000),
@@ -67,18 +70,18 @@ COMMENT ON TABLE beat.flow IS 'A named kind of work with the defaults its tasks 
 -- writers before it deletes a flow's tasks, so no task outlives its flow.
 CREATE TABLE beat.task (
     id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    flow                text NOT NULL,
+    flow                text COLLATE "C" NOT NULL,
     state               beat.task_state NOT NULL DEFAULT 'pending',
     priority            integer NOT NULL DEFAULT 0,
     run_at              timestamptz NOT NULL DEFAULT now(),
     attempts            integer NOT NULL DEFAULT 0,
     max_attempts        integer NOT NULL,
-    idempotency_key     text,
+    idempotency_key     text COLLATE "C",
     params              jsonb NOT NULL,
     result              jsonb,
     last_error          text,
     correlation_id      uuid NOT NULL,
-    lease_owner         text,
+    lease_owner         text COLLATE "C",
     lease_expires_at    timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
@@ -127,7 +130,7 @@ CREATE TYPE beat.claimed_task AS (
     priority            integer,
     attempt             integer,
     max_attempts        integer,
-    idempotency_key     text,
+    idempotency_key     text COLLATE "C",
     correlation_id      uuid,
     run_at              timestamptz,
     created_at          timestamptz,
