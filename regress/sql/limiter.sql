@@ -206,6 +206,14 @@ SELECT key, limit_name, kind, "limit", remaining,
        reset_at
 FROM beat.limiter_status WHERE key IN ('q:day', 'handle:bob', 'r:day') ORDER BY key;
 
+-- Flows name the limits their calls pass.
+SELECT name, limits FROM beat.create_flow('limited', workers => 0,
+    limits => ARRAY['api:day', 'handle:{{handle}}']);
+SELECT limits FROM beat.alter_flow('limited', limits => '{}');
+SELECT pg_temp.err($$SELECT beat.alter_flow('limited', limits => ARRAY['a', NULL])$$);
+SELECT pg_temp.err($$SELECT beat.alter_flow('limited', limits => ARRAY[''])$$);
+SELECT pg_temp.err($$SELECT beat.alter_flow('limited', limits => (SELECT array_agg('k' || g) FROM generate_series(1, 17) g))$$);
+
 -- Dropping a limit leaves its keys unknown.
 SELECT beat.drop_limit('r:change');
 SELECT pg_temp.err($$SELECT beat.acquire('{r:change}')$$);
