@@ -271,6 +271,8 @@ start_worker(const char *flow, int index)
 {
 	BackgroundWorker worker;
 	int			n = -1;
+	MemoryContext old;
+	bool		registered;
 
 	LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
 	for (int i = 0; i < beat_shared->max_workers; i++)
@@ -319,7 +321,11 @@ start_worker(const char *flow, int index)
 	worker.bgw_main_arg = Int32GetDatum(n);
 	worker.bgw_notify_pid = MyProcPid;
 
-	if (!RegisterDynamicBackgroundWorker(&worker, &local_slots[n].handle))
+	/* the handle outlives this pass: keep it in TopMemoryContext */
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	registered = RegisterDynamicBackgroundWorker(&worker, &local_slots[n].handle);
+	MemoryContextSwitchTo(old);
+	if (!registered)
 	{
 		LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
 		beat_shared->workers[n].state = BEAT_SLOT_FREE;

@@ -921,7 +921,15 @@ record_finished(void)
 			if (ok)
 				stat_done++;
 			else
+			{
+				/*
+				 * Failed, or retried later: a retry's run_at must be seen by
+				 * whoever sleeps until the next due task (us too), so wake
+				 * the flow's workers at commit; they reread it.
+				 */
 				stat_failed++;
+				beat_wake_at_commit(flow_name);
+			}
 		}
 		for (i = 0; i < n; i++)
 			if (lost[i])
@@ -999,10 +1007,10 @@ hand_back_inflight(void)
 	if (n == 0)
 		return;
 
-	values[0] = make_array(ids, NULL, n, INT8OID);
-	values[1] = CStringGetTextDatum(worker_name);
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	values[0] = make_array(ids, NULL, n, INT8OID);	/* needs a transaction */
+	values[1] = CStringGetTextDatum(worker_name);
 	beat_spi_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	beat_prepare(&plan_hand_back,
@@ -1017,10 +1025,11 @@ hand_back_inflight(void)
 		ereport(LOG,
 				(errmsg("pg_beat: worker for flow \"%s\" stopping; handed back " UINT64_FORMAT " tasks in flight",
 						flow_name, SPI_processed)));
+	/* the other workers of the flow take these at once */
+	beat_wake_at_commit(flow_name);
 	PopActiveSnapshot();
 	beat_spi_finish();
 	CommitTransactionCommand();
-	beat_wake_at_commit(flow_name);
 }
 
 /* Reread our flow in a transaction of its own. */
@@ -1125,15 +1134,27 @@ beat_worker_main(Datum arg)
 			publish(BEAT_SLOT_STOPPING);
 		}
 
-		/* claim what fits, unless stopping, paused or drained */
+		/*
+		 * Claim what fits, unless stopping, paused or drained.  We say we
+		 * are claiming before we look at draining, and beat.drain() sets
+		 * draining before it looks at who is claiming: with a barrier on
+		 * each side, either we see draining or drain sees us and waits.
+		 */
 		if (!stopping && want_claim && !cfg.paused &&
-			pg_atomic_read_u32(&beat_shared->draining) == 0 &&
 			n_inflight + n_finished < cfg.concurrency)
 		{
-			int			free_slots = cfg.concurrency - n_inflight - n_finished;
+			pg_atomic_write_u32(&slot->claiming, 1);
+			pg_memory_barrier();
+			if (pg_atomic_read_u32(&beat_shared->draining) == 0)
+			{
+				int			free_slots = cfg.concurrency - n_inflight - n_finished;
 
-			/* a full claim may have left more behind; ask again when slots free */
-			want_claim = claim_and_start(free_slots, &next_due);
+				/* a full claim may have left more behind: ask again when slots free */
+				want_claim = claim_and_start(free_slots, &next_due);
+				publish(n_inflight > 0 ? BEAT_SLOT_BUSY : BEAT_SLOT_IDLE);
+			}
+			pg_memory_barrier();
+			pg_atomic_write_u32(&slot->claiming, 0);
 		}
 
 		drive_curl();

@@ -234,7 +234,10 @@ beat_shmem_startup(void)
 			beat_shared->quick_restarts = quick_restarts;
 		}
 		for (int i = 0; i < beat_max_workers; i++)
+		{
 			SpinLockInit(&beat_shared->workers[i].mutex);
+			pg_atomic_init_u32(&beat_shared->workers[i].claiming, 0);
+		}
 	}
 	beat_limiter_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);

@@ -49,6 +49,7 @@ typedef struct BeatWorkerSlot
 	Latch	   *latch;
 	char		flow[NAMEDATALEN];
 
+	pg_atomic_uint32 claiming;	/* a claim is under way (see beat.drain) */
 	slock_t		mutex;			/* guards the fields below */
 	int			in_flight;
 	uint64		done;

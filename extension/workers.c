@@ -96,7 +96,7 @@ beat_worker_status_rows(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* Total transfers in flight over all workers. */
+/* Total transfers in flight over all workers, counting a claim under way. */
 static int
 total_in_flight(void)
 {
@@ -112,6 +112,7 @@ total_in_flight(void)
 		SpinLockAcquire(&slot->mutex);
 		total += slot->in_flight;
 		SpinLockRelease(&slot->mutex);
+		total += pg_atomic_read_u32(&slot->claiming);
 	}
 	LWLockRelease(beat_shared->lock);
 	return total;
@@ -140,6 +141,7 @@ beat_drain(PG_FUNCTION_ARGS)
 
 	InitMaterializedSRF(fcinfo, 0);
 	pg_atomic_write_u32(&beat_shared->draining, 1);
+	pg_memory_barrier();		/* pairs with the workers' claiming flag */
 	beat_set_worker_latches(NULL);
 
 	while (total_in_flight() > 0 && GetCurrentTimestamp() < deadline)

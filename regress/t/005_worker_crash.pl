@@ -1,0 +1,353 @@
+# Crash safety of the in-database workers in the middle of a drain of 2,000
+# tasks (delay_ms=20 each, a unique key per task):
+#
+#   (a) kill -9 of a flow worker: the postmaster restarts everything, the
+#       launcher hands back the orphaned leases, the drain completes; a task
+#       whose completion was lost in the crash may have been fetched twice
+#       (at-least-once), but never more than were in flight;
+#   (b) SIGTERM to a flow worker: it hands back what it holds without
+#       counting the attempt, the launcher starts a new one, the drain
+#       completes;
+#   (c) a fast restart of the server: same.
+#
+# After each: every task exists exactly once, all succeeded, none running,
+# every result is the answer to the task's own request.
+#
+# The upstream is found through PG_BEAT_UPSTREAM, else at
+# ../upstream/upstream.py next to this file (regress/upstream in the
+# repository; run-tests must copy it next to its copy of regress/t).
+
+use strict;
+use warnings;
+
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+use HTTP::Tiny;
+use IPC::Run;
+use JSON::PP;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(usleep gettimeofday tv_interval);
+
+# psql may lose its server in the middle of a query here.
+$SIG{PIPE} = 'IGNORE';
+
+my $N           = 2000;    # tasks per part
+my $WORKERS     = 2;
+my $CONCURRENCY = 16;
+
+# ---------------------------------------------------------------- upstream
+my $UPSTREAM = $ENV{PG_BEAT_UPSTREAM}
+  // dirname(abs_path(__FILE__)) . '/../upstream/upstream.py';
+my $PYTHON = $ENV{PG_BEAT_PYTHON} // '/usr/bin/python3';
+die "upstream.py not found at $UPSTREAM: set PG_BEAT_UPSTREAM, or copy "
+  . "regress/upstream next to the t/ directory this test runs from\n"
+  unless -r $UPSTREAM;
+
+my $upstream;    # IPC::Run harness
+my ($up_out, $up_err) = ('', '');
+
+# Stop the upstream however this file ends (also on die).
+END
+{
+    local $?;
+    if ($upstream)
+    {
+        eval { $upstream->kill_kill(grace => 5); 1 }
+          or diag "stopping the upstream: $@";
+        diag "upstream stderr: $up_err" if $up_err ne '';
+    }
+}
+
+my $port_file = PostgreSQL::Test::Utils::tempdir() . '/upstream.port';
+$upstream = IPC::Run::start(
+    [
+        $PYTHON, $UPSTREAM, '--port', '0', '--port-file', $port_file,
+        '--max-seconds', '300'
+    ],
+    '<', \undef, '>', \$up_out, '2>', \$up_err);
+{
+    my $deadline = time + 15;
+    until (-s $port_file || time > $deadline)
+    {
+        $upstream->pump_nb;
+        usleep(50_000);
+    }
+}
+die "upstream did not start (stderr: $up_err)" unless -s $port_file;
+my $PORT = PostgreSQL::Test::Utils::slurp_file($port_file);
+chomp $PORT;
+my $BASE = "http://127.0.0.1:$PORT";
+note "upstream listening on $BASE";
+
+my $http = HTTP::Tiny->new(timeout => 10);
+
+sub upstream_stats
+{
+    my $r = $http->get("$BASE/_stats");
+    die "GET /_stats: $r->{status} $r->{reason}" unless $r->{success};
+    return decode_json($r->{content});
+}
+
+sub upstream_reset
+{
+    my $r = $http->post("$BASE/_reset");
+    die "POST /_reset: $r->{status} $r->{reason}" unless $r->{success};
+    return;
+}
+
+# ---------------------------------------------------------------- node
+my $node = PostgreSQL::Test::Cluster->new('worker_crash');
+$node->init;
+$node->append_conf(
+    'postgresql.conf', q{
+shared_preload_libraries = 'pg_beat'
+beat.database_name = 'postgres'
+max_worker_processes = 32
+beat.reaper_interval = '200ms'
+# a stopping worker hands back at once what it has in flight
+beat.shutdown_grace = 0
+# PostgreSQL::Test::Cluster turns this off; part (a) is about it.
+restart_after_crash = on
+});
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION pg_beat');
+
+sub sql { return $node->safe_psql('postgres', $_[0]); }
+
+# Run $sql until it prints $expected ('t' unless given) or $timeout seconds
+# pass.  Returns the seconds it took, or undef (with a diag) on timeout.
+# Connection failures (a server restarting) count as "not yet".
+sub wait_for
+{
+    my ($sql, $timeout, $expected) = @_;
+    $expected //= 't';
+    my $t0   = [gettimeofday];
+    my $last = '';
+    while (1)
+    {
+        my ($ret, $out, $err) = $node->psql('postgres', $sql);
+        $last = defined $out ? $out : '';
+        return tv_interval($t0) if $ret == 0 && $last eq $expected;
+        last if tv_interval($t0) > $timeout;
+        usleep(50_000);
+    }
+    diag "timed out after ${timeout}s waiting for:\n$sql\nexpected: $expected\n"
+      . "last output: $last";
+    return undef;
+}
+
+# Wait up to $timeout s for $re in the server log after $offset; returns
+# the match's first group (or 1), undef on timeout.
+sub wait_log
+{
+    my ($re, $offset, $timeout) = @_;
+    my $deadline = time + $timeout;
+    while (1)
+    {
+        my $log = PostgreSQL::Test::Utils::slurp_file($node->logfile, $offset);
+        if ($log =~ $re)
+        {
+            return defined $1 ? $1 : 1;
+        }
+        return undef if time > $deadline;
+        usleep(100_000);
+    }
+}
+
+sub log_since
+{
+    my ($offset) = @_;
+    return PostgreSQL::Test::Utils::slurp_file($node->logfile, $offset);
+}
+
+sub wait_workers
+{
+    my ($n, $timeout) = @_;
+    return wait_for(
+        qq{SELECT count(*) = $n AND count(*) FILTER (WHERE pid IS NOT NULL
+                                                     AND state IN ('idle', 'busy')) = $n
+           FROM beat.worker_status WHERE flow = 'c'},
+        $timeout);
+}
+
+sql(qq{SELECT beat.create_flow('c',
+        request => '{"url": "$BASE/json?key={{k}}&delay_ms={{d}}"}',
+        workers => $WORKERS, concurrency => $CONCURRENCY, timeout => '10 s',
+        max_attempts => 3, backoff_base => '100 ms', backoff_cap => '200 ms')});
+ok(defined wait_workers($WORKERS, 30), "the launcher starts $WORKERS workers for flow c");
+
+# Enqueue $N tasks with keys "$part-1" .. "$part-$N" (the workers start at
+# once), wait until $min of them are done, and return what is in flight
+# then: (succeeded, running tasks, in_flight of the workers, pid of a busy
+# worker, its slot).
+sub start_drain
+{
+    my ($part, $min) = @_;
+    upstream_reset();
+    my $t0 = [gettimeofday];
+    sql(qq{SELECT count(*) FROM beat.enqueue_batch('c',
+             (SELECT array_agg(jsonb_build_object('k', '$part-' || g, 'd', 20) ORDER BY g)
+              FROM generate_series(1, $N) g))});
+    my @row;
+    my $deadline = time + 60;
+    while (time < $deadline)
+    {
+        @row = split /\|/, sql(qq{
+            SELECT (SELECT count(*) FROM beat.task
+                    WHERE params->>'k' LIKE '$part-%' AND state = 'succeeded'),
+                   (SELECT count(*) FROM beat.task
+                    WHERE params->>'k' LIKE '$part-%' AND state = 'running'),
+                   (SELECT coalesce(sum(in_flight), 0) FROM beat.worker_status WHERE flow = 'c'),
+                   (SELECT pid FROM beat.worker_status
+                    WHERE flow = 'c' AND state = 'busy' AND in_flight > 0
+                    ORDER BY in_flight DESC LIMIT 1),
+                   (SELECT slot FROM beat.worker_status
+                    WHERE flow = 'c' AND state = 'busy' AND in_flight > 0
+                    ORDER BY in_flight DESC LIMIT 1)});
+        last if $row[0] >= $min && $row[3];
+        usleep(10_000);
+    }
+    note sprintf('(%s) %.2f s after enqueue: %d succeeded, %d running, workers in flight %d, '
+          . 'busy worker pid %s (slot %s)', $part, tv_interval($t0), @row[0 .. 2],
+        $row[3] // '-', $row[4] // '-');
+    return @row;
+}
+
+# The checks after each part.  $max_attempts_1: no task may have spent more
+# than one attempt.
+sub check_part
+{
+    my ($part, $what) = @_;
+    my $t0 = [gettimeofday];
+    my $s = wait_for(
+        qq{SELECT count(*) FILTER (WHERE state = 'succeeded') = $N
+           FROM beat.task WHERE params->>'k' LIKE '$part-%'}, 60);
+    ok(defined $s, "($part) $what: all $N tasks succeed in the end");
+    note sprintf('(%s) drain completed %.1f s after the event', $part, $s // -1);
+    if (!defined $s)
+    {
+        diag "($part) states: " . sql(qq{SELECT string_agg(state || '=' || n, ' ')
+            FROM (SELECT state, count(*) n FROM beat.task
+                  WHERE params->>'k' LIKE '$part-%' GROUP BY 1) s});
+        diag "($part) worker_status:\n" . sql('SELECT * FROM beat.worker_status');
+    }
+
+    is( sql(qq{SELECT count(*), count(DISTINCT id), count(DISTINCT params->>'k')
+               FROM beat.task WHERE params->>'k' LIKE '$part-%'}),
+        "$N|$N|$N", "($part) every task exists exactly once");
+    is(sql(q{SELECT count(*) FROM beat.task WHERE flow = 'c' AND state = 'running'}),
+        '0', "($part) no task is running");
+    is( sql(qq{SELECT count(*) FROM beat.task
+               WHERE params->>'k' LIKE '$part-%'
+                 AND (result->>'status' IS DISTINCT FROM '200'
+                      OR result->'body'->'query'->>'key' IS DISTINCT FROM params->>'k')}),
+        '0', "($part) every task has its result: status 200 and the echo of its own key");
+
+    my $st = upstream_stats();
+    my $bk = $st->{by_key};
+    my @missing = grep { !$bk->{"$part-$_"} } 1 .. $N;
+    is(scalar(@missing), 0, "($part) the upstream saw every key");
+    my @twice = sort grep { $bk->{$_} > 1 } keys %$bk;
+    my ($a2) = sql(qq{SELECT count(*) FROM beat.task
+                      WHERE params->>'k' LIKE '$part-%' AND attempts > 1});
+    note sprintf('(%s) upstream: %d requests for %d keys; fetched more than once: %d%s; '
+          . 'tasks with more than one attempt: %d', $part, $st->{total}, scalar(keys %$bk),
+        scalar(@twice), (@twice ? ' (' . join(', ', @twice[0 .. ($#twice < 9 ? $#twice : 9)]) . ')' : ''),
+        $a2);
+    return (scalar(@twice), \@twice, $a2);
+}
+
+# ---------------------------------------------------------------- (a) kill -9
+{
+    my ($done, $running, $inflight, $pid, $slot) = start_drain('a', 200);
+    cmp_ok($done, '<', $N, '(a) the drain is under way when the worker is killed');
+    ok($pid, '(a) a busy worker is found in beat.worker_status');
+    my $offset = -s $node->logfile;
+    ok(kill('KILL', $pid), "(a) kill -9 worker $pid (slot $slot, $inflight in flight over all workers)");
+    $node->wait_for_log(qr/all server processes terminated; reinitializing/, $offset);
+    ok(defined wait_for('SELECT true', 60), '(a) the server accepts connections after crash recovery');
+    my $handed = wait_log(qr/handed back (\d+) tasks held by workers of a previous run/, $offset, 30);
+    ok(defined $handed, '(a) the launcher hands back the leases of the killed run');
+    $handed //= 0;
+    note "(a) leases handed back at launcher start: $handed";
+    if (log_since($offset) =~ /(starting workers in \d+ s)/)
+    {
+        note "(a) launcher: $1";
+    }
+
+    my ($twice, $twice_keys, $a2) = check_part('a', 'after kill -9 of a worker');
+    cmp_ok($handed, '<=', $WORKERS * $CONCURRENCY,
+        '(a) no more leases handed back than workers x concurrency');
+    cmp_ok($twice, '<=', $WORKERS * $CONCURRENCY,
+        "(a) fetched twice (at-least-once): $twice, at most workers x concurrency in flight");
+    # A task fetched twice is one whose lease was handed back, so it was
+    # claimed again: attempts 2 (the crash counts the attempt).
+    my $keys = join(',', map { "'$_'" } @$twice_keys) || "''";
+    is( sql(qq{SELECT count(*) FROM beat.task WHERE params->>'k' IN ($keys) AND attempts = 2}),
+        $twice, '(a) every task fetched twice was one of the handed-back leases (attempts 2)');
+    is($a2, $handed, '(a) the tasks with 2 attempts are the leases handed back');
+    is(sql(q{SELECT max(attempts) FROM beat.task WHERE params->>'k' LIKE 'a-%'}),
+        ($handed ? '2' : '1'), '(a) no task spent more than 2 attempts');
+}
+
+# ---------------------------------------------------------------- (b) SIGTERM
+{
+    ok(defined wait_workers($WORKERS, 30), '(b) flow c has its workers');
+    my ($done, $running, $inflight, $pid, $slot) = start_drain('b', 200);
+    cmp_ok($done, '<', $N, '(b) the drain is under way when the worker is terminated');
+    my $offset = -s $node->logfile;
+    is(sql("SELECT pg_terminate_backend($pid)"), 't',
+        "(b) pg_terminate_backend(worker $pid, slot $slot; $inflight in flight over all workers)");
+    my $handed = wait_log(
+        qr/pg_beat: worker for flow "c" stopping; handed back (\d+) tasks in flight/, $offset, 10);
+    ok(defined $handed, '(b) the worker logs that it handed back its tasks in flight');
+    $handed //= 0;
+    note "(b) handed back by the stopping worker: $handed";
+    my $s = wait_for(
+        qq{SELECT count(*) = $WORKERS AND bool_and(pid IS NOT NULL AND pid <> $pid)
+           FROM beat.worker_status WHERE flow = 'c'}, 30);
+    ok(defined $s, '(b) the launcher starts a new worker in its place');
+    note sprintf('(b) new worker running %.1f s after the SIGTERM', $s // -1);
+
+    my ($twice, $twice_keys, $a2) = check_part('b', 'after SIGTERM to a worker');
+    is($a2, '0', '(b) handing back did not count the attempt: no task has more than 1');
+    is(sql(q{SELECT max(attempts) FROM beat.task WHERE params->>'k' LIKE 'b-%'}),
+        '1', '(b) max(attempts) is 1');
+    cmp_ok($twice, '<=', $handed,
+        '(b) fetched twice: at most the tasks handed back in flight');
+    my $log = log_since($offset);
+    unlike($log, qr/terminated by signal|reinitializing/,
+        '(b) no server process crashed (no crash restart)');
+}
+
+# ---------------------------------------------------------------- (c) restart
+{
+    ok(defined wait_workers($WORKERS, 30), '(c) flow c has its workers');
+    my ($done, $running, $inflight) = start_drain('c', 200);
+    cmp_ok($done, '<', $N, '(c) the drain is under way when the server restarts');
+    my $offset = -s $node->logfile;
+    $node->restart;
+    my $log = log_since($offset);
+    my @handed = $log =~ /handed back (\d+) tasks in flight/g;
+    my $handed = 0;
+    $handed += $_ for @handed;
+    note "(c) handed back at shutdown by the stopping workers: "
+      . (@handed ? join(' + ', @handed) . " = $handed" : 'none');
+    if ($log =~ /handed back (\d+) tasks held by workers of a previous run/)
+    {
+        note "(c) handed back by the launcher after the restart: $1";
+    }
+
+    my ($twice, $twice_keys, $a2) = check_part('c', 'after a fast restart');
+    is($a2, '0', '(c) no task spent more than one attempt (handed back at shutdown, not counted)');
+    cmp_ok($twice, '<=', $handed, '(c) fetched twice: at most the tasks handed back in flight');
+}
+
+# Every task of the three parts, once.
+is(sql(q{SELECT count(*), count(DISTINCT id) FROM beat.task WHERE flow = 'c'}),
+    (3 * $N) . '|' . (3 * $N), 'in all: every task of the three parts exists once');
+
+$node->stop;
+done_testing();
