@@ -14,11 +14,14 @@
 #      preloads pg_beat;
 #   4. end-to-end throughput: for each (workers, concurrency) of a small sweep,
 #      50,000 tasks enqueued in one transaction, timed from the COMMIT until
-#      all are succeeded, sampling the workers' memory every second;
+#      all are succeeded; between runs drop_flow, TRUNCATE beat.http_log,
+#      VACUUM;
 #   5. pickup latency of one task at a time, idle and under a steady trickle,
 #      measured server-side (finished_at - created_at) and client-side (a
 #      tight poll of the task's state);
-#   6. prints a markdown table.
+#   6. worker memory: VmRSS, RssAnon and Pss of each worker every second, and
+#      PostgreSQL's own count of its memory contexts before and after a run;
+#   7. prints a markdown table (also, with what was measured, on a failure).
 # A trap stops Postgres and nginx and removes the temporary directories.
 # See bench/README.md ("HTTP workers") for what each figure means.
 #
@@ -30,9 +33,11 @@
 #   BENCH_RUN_TIMEOUT  cap per throughput run, s      (100)
 #   BENCH_SAMPLES      pickup samples per series      (200)
 #   BENCH_WRK_SECONDS  duration of each wrk run       (10)
-#   BENCH_PERF=1       also `perf record -a -g` during the first run of the
-#                      sweep and print where the CPU went (adds overhead to
-#                      that run only; needs linux-perf)
+#   BENCH_PERF=1       during the first run of the sweep, also record
+#                      `perf record -a` (CPU by process) and `perf record
+#                      --call-graph dwarf -p <workers>` (where the workers
+#                      spend it) and print both; adds overhead to that run
+#                      only; needs perf (linux-perf)
 #   BENCH_FRESH_CLUSTER=1  run each throughput run, and the latency series,
 #                      on a new cluster (initdb) instead of one cluster with
 #                      drop_flow + TRUNCATE beat.http_log + VACUUM between
@@ -134,8 +139,8 @@ cleanup() {
     fi
     if [ "$STARTED" = 1 ]; then
         if [ "$rc" != 0 ] && [ -f "$SERVER_LOG" ]; then
-            echo "--- last 60 lines of the server log ($SERVER_LOG) ---" >&2
-            tail -n 60 "$SERVER_LOG" >&2
+            echo "--- last 60 lines of the server log ($SERVER_LOG), without memory context dumps ---" >&2
+            grep -Ev 'LOG:  (level: [0-9]+;|Grand total:|logging memory contexts)' "$SERVER_LOG" | tail -n 60 >&2
         fi
         as_pg "$PGBIN/pg_ctl" -D "$DATA" -m fast -w -t 60 stop >/dev/null 2>&1 \
             || as_pg "$PGBIN/pg_ctl" -D "$DATA" -m immediate -w stop >/dev/null 2>&1
@@ -154,6 +159,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# set -e stops at any command that fails unexpectedly: say which.
+set -E
+trap 'err_rc=$?; [ "$BASHPID" != "$$" ] || printf "\n*** BENCHMARK FAILED: unexpected status %s at line %s: %s ***\n" "$err_rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 cd "$DIR"   # the postgres user may not be able to read the caller's cwd
 
@@ -368,6 +376,25 @@ mem_of() {
 cpu_ticks() {  # pid -> utime+stime in clock ticks
     awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0
 }
+# Memory contexts of backends, as PostgreSQL itself counts them: asks each pid
+# to log them (pg_log_backend_memory_contexts), then reads the server log.
+# Prints, per pid, "pid TopMemoryContext-used grand-total-used" in bytes.
+memctx() {  # pids...
+    local p n0 i
+    n0=$(wc -l <"$SERVER_LOG")
+    for p in "$@"; do q "SELECT pg_log_backend_memory_contexts($p)"; done
+    for i in $(seq 30); do
+        sleep 0.1
+        [ "$(tail -n +"$((n0 + 1))" "$SERVER_LOG" | grep -c 'Grand total:')" -ge "$#" ] && break
+    done
+    for p in "$@"; do
+        tail -n +"$((n0 + 1))" "$SERVER_LOG" | awk -v p="[$p]" '
+            index($0, p) && /level: 0; TopMemoryContext:/ { for (i = 1; i <= NF; i++) if ($i == "used") top = $(i - 1) }
+            index($0, p) && /Grand total:/ { for (i = 1; i <= NF; i++) if ($i == "used") tot = $(i - 1) }
+            END { print "'"$p"'", top + 0, tot + 0 }'
+    done
+}
+
 proc_snapshot() {  # every process: pid ticks name
     cat /proc/[0-9]*/stat 2>/dev/null | awk '{
         l = $0; i = index(l, "("); j = 0
@@ -528,6 +555,7 @@ report() {  # [failure message]
         echo "- $key: ${RUNDETAIL[$key]}"
         echo "  - memory MB start/max/end: ${MEMROW[$key]}"
         echo "  - private (anon) MB of each worker at 0/20/40/60/80/100% of the run: ${MEMROW[${key}_series]}"
+        echo "  - PostgreSQL memory contexts of each worker (pg_log_backend_memory_contexts), before the enqueue -> after the run: ${MEMROW[${key}_ctx]}"
         echo "  - processes that used most CPU during the run (whole machine): ${RUN[${key}_top]}"
     done
     [ -z "${COMMIT_RTT:-}" ] || echo "- baseline, this session: a round trip (EXECUTE of the poll statement) $POLL_RTT ms on average; an autocommit one-row INSERT (one durable commit) p50/p95/p99/max $(cut -d' ' -f1-4 <<<"$COMMIT_RTT") ms"
@@ -587,6 +615,7 @@ throughput_run() {  # workers concurrency
     local la0 la1 la_max=0 my0 my1
     ng0=$([ -n "$NGINX_WORKER" ] && cpu_ticks "$NGINX_WORKER" || echo 0)
     for p in $pids; do echo "0 $p $(mem_of "$p")" >>"$memfile"; done
+    memctx $pids >"$OUT/memctx0_$key"
 
     q "BEGIN"
     q "SELECT count(*) FROM beat.enqueue_batch('$flow',
@@ -670,6 +699,10 @@ throughput_run() {  # workers concurrency
            FROM beat.http_log WHERE flow = '$flow' GROUP BY 1 ORDER BY count(*) DESC LIMIT 5"
         die "flow $flow: expected $TASKS succeeded tasks and $TASKS ok log rows; tasks: $states ($ntot in all); http_log: $nlog rows, $nlogok ok with status 200 and $BODY_BYTES bytes; top log outcomes: ${R[*]}; server log: $(server_trouble "$log_line0" | tail -n 20)"
     fi
+    memctx $pids >"$OUT/memctx1_$key"
+    MEMROW[${key}_ctx]=$(awk 'NR == FNR { t[$1] = $2; g[$1] = $3; next }
+        { printf "%spid %s: TopMemoryContext %.1f -> %.1f MB, all contexts %.1f -> %.1f MB", (n++ ? "; " : ""), $1,
+                 t[$1] / 1048576, $2 / 1048576, g[$1] / 1048576, $3 / 1048576 }' "$OUT/memctx0_$key" "$OUT/memctx1_$key")
     wait_workers "$flow" "$w"
     [ "$PIDS" = "$pids" ] || die "flow $flow: the worker processes changed during the run ($pids -> $PIDS); server log: $(server_trouble "$log_line0" | tail -n 20)"
     local trouble; trouble=$(server_trouble "$log_line0")

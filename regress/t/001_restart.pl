@@ -25,6 +25,8 @@ shared_preload_libraries = 'pg_beat,pg_cron'
 cron.database_name = 'postgres'
 beat.database_name = 'postgres'
 max_worker_processes = 16
+# this test calls beat.reap() itself: keep the launcher's reaper out of it
+beat.reaper_interval = '1h'
 });
 $node->start;
 
