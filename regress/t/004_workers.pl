@@ -5,17 +5,14 @@
 # polled), pause / drain / alter_flow(workers) act without a restart, and a
 # worker really keeps several transfers in flight.
 #
-# The upstream is found through PG_BEAT_UPSTREAM, else at
-# ../upstream/upstream.py next to this file (regress/upstream in the
-# repository; run-tests must copy it next to its copy of regress/t).
+# The upstream is started by BeatUpstream.pm (next to this file).
 
 use strict;
 use warnings;
 
-use Cwd qw(abs_path);
-use File::Basename qw(dirname);
-use HTTP::Tiny;
-use IPC::Run;
+use FindBin;
+use lib $FindBin::RealBin;
+use BeatUpstream;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -25,64 +22,12 @@ use Time::HiRes qw(usleep gettimeofday tv_interval);
 my $json = JSON::PP->new->canonical;
 
 # ---------------------------------------------------------------- upstream
-my $UPSTREAM = $ENV{PG_BEAT_UPSTREAM}
-  // dirname(abs_path(__FILE__)) . '/../upstream/upstream.py';
-my $PYTHON = $ENV{PG_BEAT_PYTHON} // '/usr/bin/python3';
-die "upstream.py not found at $UPSTREAM: set PG_BEAT_UPSTREAM, or copy "
-  . "regress/upstream next to the t/ directory this test runs from\n"
-  unless -r $UPSTREAM;
+my $up   = BeatUpstream->start;
+my $BASE = $up->base;
 
-my $upstream;    # IPC::Run harness
-my ($up_out, $up_err) = ('', '');
-
-# Stop the upstream however this file ends (also on die).
-END
-{
-    local $?;
-    if ($upstream)
-    {
-        eval { $upstream->kill_kill(grace => 5); 1 }
-          or diag "stopping the upstream: $@";
-        diag "upstream stderr: $up_err" if $up_err ne '';
-    }
-}
-
-my $port_file = PostgreSQL::Test::Utils::tempdir() . '/upstream.port';
-$upstream = IPC::Run::start(
-    [
-        $PYTHON, $UPSTREAM, '--port', '0', '--port-file', $port_file,
-        '--max-seconds', '300'
-    ],
-    '<', \undef, '>', \$up_out, '2>', \$up_err);
-{
-    my $deadline = time + 15;
-    until (-s $port_file || time > $deadline)
-    {
-        $upstream->pump_nb;
-        usleep(50_000);
-    }
-}
-die "upstream did not start (stderr: $up_err)" unless -s $port_file;
-my $PORT = PostgreSQL::Test::Utils::slurp_file($port_file);
-chomp $PORT;
-my $BASE = "http://127.0.0.1:$PORT";
-note "upstream listening on $BASE";
-
-my $http = HTTP::Tiny->new(timeout => 10);
-
-sub upstream_stats
-{
-    my $r = $http->get("$BASE/_stats");
-    die "GET /_stats: $r->{status} $r->{reason}" unless $r->{success};
-    return decode_json($r->{content});
-}
-
-sub upstream_reset
-{
-    my $r = $http->post("$BASE/_reset");
-    die "POST /_reset: $r->{status} $r->{reason}" unless $r->{success};
-    return;
-}
+# What the upstream received and sent; zero its counters.
+sub upstream_stats { return $up->stats; }
+sub upstream_reset { return $up->reset; }
 
 # ---------------------------------------------------------------- node
 my $node = PostgreSQL::Test::Cluster->new('workers');
