@@ -28,7 +28,8 @@
 # Knobs (environment), all optional:
 #   PGBIN              PostgreSQL binaries           (/usr/lib/postgresql/15/bin)
 #   BENCH_PORT         Postgres port                  (55433)
-#   BENCH_SWEEP        workers:concurrency runs       ("1:64 2:64 4:64 2:32 2:128")
+#   BENCH_SWEEP        workers:concurrency runs       ("1:64 2:64 4:64 2:32 2:128";
+#                      empty: no throughput run)
 #   BENCH_TASKS        tasks per throughput run       (50000)
 #   BENCH_RUN_TIMEOUT  cap per throughput run, s      (100)
 #   BENCH_SAMPLES      pickup samples per series      (200)
@@ -49,7 +50,7 @@ set -euo pipefail
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PORT=${BENCH_PORT:-55433}
-SWEEP=${BENCH_SWEEP:-"1:64 2:64 4:64 2:32 2:128"}
+SWEEP=${BENCH_SWEEP-"1:64 2:64 4:64 2:32 2:128"}
 TASKS=${BENCH_TASKS:-50000}
 RUN_TIMEOUT=${BENCH_RUN_TIMEOUT:-100}
 STALL_SECONDS=20
@@ -128,6 +129,7 @@ PERF_PID2=
 cleanup() {
     local rc=$?
     set +e
+    trap - ERR
     [ -n "$PERF_PID" ] && kill -INT "$PERF_PID" $PERF_PID2 2>/dev/null
     if [ -n "$TRICKLE_PID" ]; then
         touch "$OUT/trickle.stop"
@@ -396,7 +398,7 @@ memctx() {  # pids...
 }
 
 proc_snapshot() {  # every process: pid ticks name
-    cat /proc/[0-9]*/stat 2>/dev/null | awk '{
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk '{
         l = $0; i = index(l, "("); j = 0
         for (k = length(l); k > 0; k--) if (substr(l, k, 1) == ")") { j = k; break }
         name = substr(l, i + 1, j - i - 1); gsub(/ /, "_", name)
@@ -407,7 +409,7 @@ proc_top() {  # before after -> the 8 processes that used most CPU in between, "
     local hz; hz=$(getconf CLK_TCK)
     awk -v hz="$hz" 'NR == FNR { t[$1] = $2; next }
                      { d = $2 - ($1 in t ? t[$1] : 0); if (d > 0) print d, $1, $3 }' "$1" "$2" \
-        | sort -rn | head -n 8 | while read -r d pid name; do
+        | sort -rn | awk 'NR <= 8' | while read -r d pid name; do
             if [ "$name" = postgres ] && [ -r "/proc/$pid/cmdline" ]; then
                 name=$(tr '\0' ' ' <"/proc/$pid/cmdline" | sed 's/^postgres: //; s/ *$//' | cut -c1-60)
             fi
@@ -563,11 +565,13 @@ report() {  # [failure message]
     [ -z "${LATDETAIL[cli_idle]:-}" ] || echo "- pickup idle, client-side: ${LATDETAIL[cli_idle]}"
     [ -z "${LATDETAIL[srv_trickle]:-}" ] || echo "- pickup trickle, server-side: ${LATDETAIL[srv_trickle]}"
     [ -z "${LATDETAIL[cli_trickle]:-}" ] || echo "- pickup trickle, client-side: ${LATDETAIL[cli_trickle]}"
+    [ -z "${LATDETAIL[top_idle]:-}" ] || echo "- processes that used most CPU during the idle series (both ways, whole machine): ${LATDETAIL[top_idle]}"
+    [ -z "${LATDETAIL[top_trickle]:-}" ] || echo "- processes that used most CPU during the trickle series (both ways, whole machine): ${LATDETAIL[top_trickle]}"
     [ -z "${LAT_LEFT:-}" ] || echo "- trickle: $TRICKLED tasks enqueued by the trickle during the trickle series; tasks of the latency flow not succeeded at the end: $LAT_LEFT"
     if [ -n "$trouble" ]; then
         echo "- server log lines with WARNING/ERROR/FATAL/PANIC or crashes (before any shutdown the script asked for):"
         echo '```'
-        echo "$trouble" | head -n 40
+        echo "$trouble" | sed -n 1,40p
         echo '```'
     else
         echo "- server log: no WARNING, ERROR, FATAL, PANIC or crash line"
@@ -867,6 +871,7 @@ trickle_stop() {
 lat_series() {  # key tag
     local key=$1 tag=$2 log_line0
     log_line0=$(wc -l <"$SERVER_LOG")
+    proc_snapshot >"$OUT/procs0_lat_$key"
     log "pickup latency, $tag: $SAMPLES samples server-side (finished_at - created_at)"
     pickup_server "$OUT/ids_$key" "$tag"
     server_figures "$OUT/ids_$key" >"$OUT/srv_$key"
@@ -883,6 +888,8 @@ lat_series() {  # key tag
     LAT[cli_$key]=$(pcts "$OUT/cli_$key")
     LATDETAIL[cli_$key]="of which the enqueue statement (autocommit, durable commit) p50/p95/p99/max $(pcts "$OUT/cli_$key.enqueue" | cut -d' ' -f1-4) ms; polls per sample p50 $(pcts "$OUT/cli_$key.polls" | cut -d' ' -f1)"
     log "  client-side p50/p95/p99/max ms: ${LAT[cli_$key]}"
+    proc_snapshot >"$OUT/procs1_lat_$key"
+    LATDETAIL[top_$key]=$(proc_top "$OUT/procs0_lat_$key" "$OUT/procs1_lat_$key")
     local trouble; trouble=$(server_trouble "$log_line0")
     [ -z "$trouble" ] || die "pickup $tag: the server log has errors: $trouble"
 }
