@@ -113,6 +113,7 @@ static uint64 stat_done = 0;
 static uint64 stat_failed = 0;
 
 static FlowConfig cfg;
+static MemoryContext pass_ctx;	/* reset every pass of the loop */
 static uint32 cfg_generation;
 static bool cfg_loaded = false;
 
@@ -481,6 +482,12 @@ claim_and_start(int n, TimestampTz *next_due)
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+
+	/*
+	 * The claim's commit is durable, though a lost claim would only leave
+	 * its tasks pending: the attempt it counts must survive a crash, or a
+	 * task that crashes the worker would never run out of attempts.
+	 */
 	beat_spi_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "pg_beat: claim");
@@ -615,6 +622,7 @@ claim_and_start(int n, TimestampTz *next_due)
 	PopActiveSnapshot();
 	beat_spi_finish();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(pass_ctx);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return claimed == asked;
@@ -970,6 +978,7 @@ record_finished(void)
 	PopActiveSnapshot();
 	beat_spi_finish();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(pass_ctx);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 
@@ -1030,6 +1039,7 @@ hand_back_inflight(void)
 	PopActiveSnapshot();
 	beat_spi_finish();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(pass_ctx);
 }
 
 /* Reread our flow in a transaction of its own. */
@@ -1044,6 +1054,7 @@ reload_flow(void)
 	PopActiveSnapshot();
 	beat_spi_finish();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(pass_ctx);
 }
 
 /* Milliseconds from now until ts, at least 0. */
@@ -1059,7 +1070,6 @@ beat_worker_main(Datum arg)
 {
 	int			slot_no = DatumGetInt32(arg);
 	WaitEventSet *wes;
-	MemoryContext pass_ctx;
 	bool		want_claim = true;
 	TimestampTz next_due = 0;
 	TimestampTz stop_deadline = 0;

@@ -13,6 +13,10 @@
  * - complete, fail and heartbeat update only a row that is running and
  *   leased to the calling worker; when no row matches they read the task
  *   again to say why, and raise an error, so nothing is written;
+ * - the rows to change are picked by a sub-select locked with FOR UPDATE
+ *   SKIP LOCKED and matched with "id = ANY (ARRAY(sub-select))": the
+ *   sub-select runs once, so even a plan made while beat.task looked empty
+ *   costs one pass over the table, never one pass per picked row;
  * - idempotency rests on the partial unique index task_idempotency_idx and
  *   INSERT ... ON CONFLICT DO NOTHING, which waits for a racing insert of
  *   the same key to commit or abort before deciding.
@@ -692,10 +696,10 @@ promote_due(Datum flow)
 
 	beat_prepare(&plan_promote,
 				 "UPDATE beat.task SET state = 'pending', updated_at = statement_timestamp()"
-				 " WHERE id IN (SELECT id FROM beat.task"
+				 " WHERE id = ANY (ARRAY(SELECT id FROM beat.task"
 				 "   WHERE flow = $1 AND state IN ('scheduled', 'failed')"
 				 "     AND run_at <= statement_timestamp()"
-				 "   FOR UPDATE SKIP LOCKED)",
+				 "   FOR UPDATE SKIP LOCKED))",
 				 1, argtypes);
 	beat_execute(plan_promote, &flow, " ", SPI_OK_UPDATE);
 }
@@ -729,20 +733,19 @@ beat_claim(PG_FUNCTION_ARGS)
 	beat_spi_connect();
 	promote_due(values[0]);
 	beat_prepare(&plan_claim,
-				 "WITH c AS ("
-				 "  SELECT t.id FROM beat.task t"
-				 "  WHERE t.flow = $1 AND t.state = 'pending'"
-				 "    AND EXISTS (SELECT FROM beat.flow f WHERE f.name = $1 AND NOT f.paused)"
-				 "  ORDER BY t.priority, t.run_at, t.id"
-				 "  LIMIT $3"
-				 "  FOR UPDATE SKIP LOCKED"
-				 "), u AS ("
+				 "WITH u AS ("
 				 "  UPDATE beat.task t SET state = 'running', attempts = t.attempts + 1,"
 				 "    lease_owner = $2,"
 				 "    lease_expires_at = statement_timestamp()"
 				 "      + coalesce($4, (SELECT f.lease FROM beat.flow f WHERE f.name = $1)),"
 				 "    started_at = statement_timestamp(), updated_at = statement_timestamp()"
-				 "  FROM c WHERE t.id = c.id"
+				 "  WHERE t.id = ANY (ARRAY("
+				 "    SELECT c.id FROM beat.task c"
+				 "    WHERE c.flow = $1 AND c.state = 'pending'"
+				 "      AND EXISTS (SELECT FROM beat.flow f WHERE f.name = $1 AND NOT f.paused)"
+				 "    ORDER BY c.priority, c.run_at, c.id"
+				 "    LIMIT $3"
+				 "    FOR UPDATE SKIP LOCKED))"
 				 "  RETURNING t.id, t.flow, t.params, t.priority, t.attempts, t.max_attempts,"
 				 "    t.idempotency_key, t.correlation_id, t.run_at, t.created_at,"
 				 "    t.lease_expires_at"
@@ -1114,9 +1117,9 @@ beat_reap(PG_FUNCTION_ARGS)
 				 "   last_error = 'lease of worker \"' || t.lease_owner || '\" expired',"
 				 "   lease_owner = NULL, lease_expires_at = NULL,"
 				 "   updated_at = statement_timestamp()"
-				 "  WHERE t.id IN (SELECT id FROM beat.task"
+				 "  WHERE t.id = ANY (ARRAY(SELECT id FROM beat.task"
 				 "    WHERE state = 'running' AND lease_expires_at < statement_timestamp()"
-				 "    FOR UPDATE SKIP LOCKED)"
+				 "    FOR UPDATE SKIP LOCKED))"
 				 "  RETURNING t.state"
 				 ") SELECT count(*) FILTER (WHERE state = 'pending'),"
 				 "  count(*) FILTER (WHERE state = 'dead') FROM x",
