@@ -49,11 +49,22 @@ typedef struct LauncherSlot
 {
 	BackgroundWorkerHandle *handle;
 	pid_t		pid;			/* last pid seen running, 0 if none */
-	int			crashes;		/* unexpected stops in a row */
 	TimestampTz started_at;
 } LauncherSlot;
 
-/* A flow that wants workers, and when each index may be started again. */
+/*
+ * A worker of (flow, index) that stopped without being asked (a crash or an
+ * error): how often in a row, and when it may be started again.
+ */
+typedef struct CrashRecord
+{
+	char		flow[NAMEDATALEN];
+	int			index;
+	int			crashes;
+	TimestampTz restart_after;
+} CrashRecord;
+
+/* A flow that wants workers. */
 typedef struct WantedFlow
 {
 	char		name[NAMEDATALEN];
@@ -65,7 +76,8 @@ typedef struct WantedFlow
 #define MAX_RESTART_DELAY_MS 60000
 
 static LauncherSlot *local_slots;
-static TimestampTz *restart_after;	/* per slot index of a wanted worker */
+static CrashRecord *crash_records;	/* max_workers of them; flow[0] = unused */
+static TimestampTz no_start_before = 0;	/* after quick crash restarts */
 static uint32 my_generation;
 
 static SPIPlanPtr plan_installed = NULL;
@@ -290,6 +302,7 @@ start_worker(const char *flow, int index)
 		slot->generation = my_generation;
 		slot->pid = 0;
 		slot->latch = NULL;
+		slot->clean_exit = false;
 		strlcpy(slot->flow, flow, NAMEDATALEN);
 		SpinLockAcquire(&slot->mutex);
 		slot->in_flight = 0;
@@ -342,6 +355,54 @@ start_worker(const char *flow, int index)
 	return true;
 }
 
+/* The crash record of (flow, index), or NULL; create it when asked. */
+static CrashRecord *
+crash_record(const char *flow, int index, bool create)
+{
+	CrashRecord *free_rec = NULL;
+
+	for (int i = 0; i < beat_shared->max_workers; i++)
+	{
+		CrashRecord *r = &crash_records[i];
+
+		if (r->flow[0] == '\0')
+		{
+			if (free_rec == NULL)
+				free_rec = r;
+			continue;
+		}
+		if (r->index == index && strcmp(r->flow, flow) == 0)
+			return r;
+	}
+	if (!create || free_rec == NULL)
+		return NULL;
+	strlcpy(free_rec->flow, flow, NAMEDATALEN);
+	free_rec->index = index;
+	free_rec->crashes = 0;
+	free_rec->restart_after = 0;
+	return free_rec;
+}
+
+/* Note that (flow, index) stopped: forget it if fine, else back off. */
+static void
+note_stop(const char *flow, int index, bool fine)
+{
+	CrashRecord *r = crash_record(flow, index, !fine);
+
+	if (fine)
+	{
+		if (r)
+			r->flow[0] = '\0';
+		return;
+	}
+	if (r == NULL)
+		return;
+	r->crashes++;
+	r->restart_after = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+												   Min(MAX_RESTART_DELAY_MS,
+													   1000 << Min(r->crashes - 1, 6)));
+}
+
 /*
  * Look at every slot we started: note the pid of those running, and for
  * those that stopped, free the slot and (inside SPI) hand back their leases.
@@ -359,6 +420,7 @@ collect_stopped(void)
 		BgwHandleStatus status;
 		char		flow[NAMEDATALEN];
 		int			index;
+		bool		clean;
 
 		if (ls->handle == NULL)
 			continue;
@@ -374,6 +436,7 @@ collect_stopped(void)
 		LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
 		strlcpy(flow, beat_shared->workers[i].flow, NAMEDATALEN);
 		index = beat_shared->workers[i].index;
+		clean = beat_shared->workers[i].clean_exit;
 		beat_shared->workers[i].state = BEAT_SLOT_FREE;
 		beat_shared->workers[i].pid = 0;
 		beat_shared->workers[i].latch = NULL;
@@ -392,15 +455,14 @@ collect_stopped(void)
 		ls->handle = NULL;
 		ls->pid = 0;
 
-		/* a worker that ran for a minute starts afresh; else back off */
-		if (TimestampDifferenceExceeds(ls->started_at, GetCurrentTimestamp(), 60000))
-			ls->crashes = 0;
-		else
-			ls->crashes++;
-		restart_after[i] = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													   Min(MAX_RESTART_DELAY_MS,
-														   ls->crashes == 0 ? 0 :
-														   1000 << Min(ls->crashes - 1, 6)));
+		/*
+		 * A worker that stopped on purpose starts again at once when it is
+		 * wanted; one that crashed, after 1 s, doubling with each crash in a
+		 * row (a worker that ran a minute starts the count afresh), at most
+		 * a minute.
+		 */
+		note_stop(flow, index, clean ||
+				  TimestampDifferenceExceeds(ls->started_at, GetCurrentTimestamp(), 60000));
 		any = true;
 	}
 	return any;
@@ -416,7 +478,6 @@ reconcile(WantedFlow *wanted, int nwanted)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz next = 0;
-	TimestampTz earliest_restart = 0;
 
 	/* stop what is no longer wanted */
 	for (int i = 0; i < beat_shared->max_workers; i++)
@@ -429,24 +490,23 @@ reconcile(WantedFlow *wanted, int nwanted)
 			TerminateBackgroundWorker(local_slots[i].handle);
 	}
 
-	/*
-	 * Start what is missing.  The backoff is kept per slot number, so use
-	 * the latest restart time of any stopped slot as a floor for new starts.
-	 */
-	for (int i = 0; i < beat_shared->max_workers; i++)
-		if (local_slots[i].handle == NULL && restart_after[i] > earliest_restart)
-			earliest_restart = restart_after[i];
-
+	/* start what is missing, unless it is backing off */
 	for (int f = 0; f < nwanted; f++)
 	{
 		for (int index = 0; index < wanted[f].workers; index++)
 		{
+			CrashRecord *r;
+			TimestampTz not_before = no_start_before;
+
 			if (find_slot(wanted[f].name, index) >= 0)
 				continue;
-			if (earliest_restart > now)
+			r = crash_record(wanted[f].name, index, false);
+			if (r && r->restart_after > not_before)
+				not_before = r->restart_after;
+			if (not_before > now)
 			{
-				if (next == 0 || earliest_restart < next)
-					next = earliest_restart;
+				if (next == 0 || not_before < next)
+					next = not_before;
 				continue;
 			}
 			if (!start_worker(wanted[f].name, index))
@@ -486,8 +546,8 @@ beat_launcher_main(Datum arg)
 
 	local_slots = MemoryContextAllocZero(TopMemoryContext,
 										 sizeof(LauncherSlot) * beat_shared->max_workers);
-	restart_after = MemoryContextAllocZero(TopMemoryContext,
-										   sizeof(TimestampTz) * beat_shared->max_workers);
+	crash_records = MemoryContextAllocZero(TopMemoryContext,
+										   sizeof(CrashRecord) * beat_shared->max_workers);
 
 	LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
 	my_generation = ++beat_shared->launcher_generation;
@@ -513,8 +573,7 @@ beat_launcher_main(Datum arg)
 		ereport(LOG,
 				(errmsg("pg_beat: the server restarted after a crash %d times in a row; starting workers in %d s",
 						beat_shared->quick_restarts, delay / 1000)));
-		for (int i = 0; i < beat_shared->max_workers; i++)
-			restart_after[i] = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay);
+		no_start_before = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay);
 	}
 
 	BackgroundWorkerInitializeConnection(beat_database_name, NULL, 0);

@@ -1182,6 +1182,10 @@ beat_worker_main(Datum arg)
 		{
 			hand_back_inflight();
 			publish(BEAT_SLOT_STOPPING);
+			/* tell the launcher this was no crash: no restart backoff */
+			LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
+			slot->clean_exit = true;
+			LWLockRelease(beat_shared->lock);
 			proc_exit(0);
 		}
 		publish(n_inflight > 0 ? BEAT_SLOT_BUSY : BEAT_SLOT_IDLE);

@@ -47,6 +47,7 @@ typedef struct BeatWorkerSlot
 	uint32		generation;		/* launcher generation that started it */
 	pid_t		pid;
 	Latch	   *latch;
+	bool		clean_exit;		/* the worker stopped on purpose (set as it exits) */
 	char		flow[NAMEDATALEN];
 
 	pg_atomic_uint32 claiming;	/* a claim is under way (see beat.drain) */
