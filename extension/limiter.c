@@ -108,7 +108,6 @@ typedef struct LimitDef
 	QuotaWindow window;			/* quota */
 	char		time_zone[64];	/* quota */
 	int64		created;		/* created_at: a dropped and re-created limit starts afresh */
-	int			nsegments;		/* ':'-separated segments of the name */
 	bool		is_template;
 } LimitDef;
 
