@@ -8,6 +8,9 @@
 use strict;
 use warnings;
 
+use FindBin;
+use lib $FindBin::RealBin;
+use BeatQueue;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -35,29 +38,8 @@ $node->safe_psql('postgres', 'CREATE EXTENSION pg_beat');
 # state change in this test is one the test made.
 $node->safe_psql('postgres', q{SELECT beat.create_flow('t', workers => 0)});
 
-# One row summarising the queue; compared whole across restarts.
-sub snapshot
-{
-    my ($label) = @_;
-    my $row = $node->safe_psql(
-        'postgres', q{
-        SELECT count(*),
-               count(DISTINCT id),
-               coalesce(sum(id), 0),
-               count(*) FILTER (WHERE state = 'pending'),
-               count(*) FILTER (WHERE state = 'running'),
-               count(*) FILTER (WHERE state = 'succeeded'),
-               count(*) FILTER (WHERE state NOT IN ('pending', 'running', 'succeeded')),
-               coalesce(md5(string_agg(id || ':' || state || ':'
-                                       || coalesce(lease_owner, '') || ':' || attempts,
-                                       ',' ORDER BY id)), '')
-        FROM beat.task});
-    my %s;
-    @s{qw(total distinct sum pending running succeeded other digest)} =
-      split /\|/, $row;
-    note "$label: " . join(' ', map { "$_=$s{$_}" } qw(total distinct sum pending running succeeded other));
-    return \%s;
-}
+# One row summarising the queue; compared whole across restarts (BeatQueue.pm).
+sub snapshot { return BeatQueue::snapshot($node, @_); }
 
 # ---------------------------------------------------------------- setup
 is( $node->safe_psql(

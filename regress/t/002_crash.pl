@@ -12,6 +12,9 @@
 use strict;
 use warnings;
 
+use FindBin;
+use lib $FindBin::RealBin;
+use BeatQueue;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -48,29 +51,8 @@ $node->safe_psql(
     SELECT count(beat.complete(id, 'w0', '{}'))
     FROM beat.claim('t', 'w0', 100)});
 
-# One row summarising the queue; compared whole across crashes.
-sub snapshot
-{
-    my ($label) = @_;
-    my $row = $node->safe_psql(
-        'postgres', q{
-        SELECT count(*),
-               count(DISTINCT id),
-               coalesce(sum(id), 0),
-               count(*) FILTER (WHERE state = 'pending'),
-               count(*) FILTER (WHERE state = 'running'),
-               count(*) FILTER (WHERE state = 'succeeded'),
-               count(*) FILTER (WHERE state NOT IN ('pending', 'running', 'succeeded')),
-               coalesce(md5(string_agg(id || ':' || state || ':'
-                                       || coalesce(lease_owner, '') || ':' || attempts,
-                                       ',' ORDER BY id)), '')
-        FROM beat.task});
-    my %s;
-    @s{qw(total distinct sum pending running succeeded other digest)} =
-      split /\|/, $row;
-    note "$label: " . join(' ', map { "$_=$s{$_}" } qw(total distinct sum pending running succeeded other));
-    return \%s;
-}
+# One row summarising the queue; compared whole across crashes (BeatQueue.pm).
+sub snapshot { return BeatQueue::snapshot($node, @_); }
 
 my $committed = snapshot('committed');
 is($committed->{total},     1000, '1000 tasks committed');
