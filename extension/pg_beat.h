@@ -34,11 +34,14 @@ typedef enum BeatSlotState
 } BeatSlotState;
 
 /*
- * One flow worker.  The launcher fills flow, index and generation and sets
- * the state to STARTING, under BeatShared->lock held exclusively; the worker
- * sets pid and latch when it starts and frees the slot when it exits, also
- * under the exclusive lock.  The counters are written by the worker alone
- * and read by anyone, under the slot's spinlock.
+ * One flow worker.  The launcher fills flow, index and generation, clears
+ * clean_exit and sets the state to STARTING, under BeatShared->lock held
+ * exclusively; the worker sets pid and latch when it starts, clean_exit when
+ * it stops on purpose, and frees the slot when it exits, also under the
+ * exclusive lock.  Between those, only the worker writes state (idle, busy,
+ * stopping: an aligned int read without the lock, for display), claiming
+ * (an atomic, paired with BeatShared->draining through memory barriers), and
+ * the counters below the mutex, which anyone reads under that spinlock.
  */
 typedef struct BeatWorkerSlot
 {
