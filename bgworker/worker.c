@@ -19,6 +19,13 @@
  * every finished transfer in one transaction (task states and
  * beat.http_log); sleep.  No transaction is open during network I/O.
  *
+ * Rate limits (beat.flow.limits, see extension/limiter.c) are charged per
+ * task inside the claim transaction, before its transfer starts.  A task a
+ * limit refuses is put back as scheduled at exactly now + retry_after,
+ * without counting the attempt; limits with no placeholder are asked
+ * before claiming, so a flow at its limit claims nothing and sleeps until
+ * its next admission.
+ *
  * On SIGTERM (shutdown, pg_terminate_backend, DROP DATABASE) we stop
  * claiming, give transfers in flight beat.shutdown_grace to finish, record
  * those that did and hand the rest back to pending without counting the
