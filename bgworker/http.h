@@ -77,7 +77,7 @@ extern json_t *beat_json_new_object(void);
 extern bool beat_status_in(const BeatStatusSet *set, long status);
 extern BeatOutcome beat_classify_curl(CURLcode code);
 extern char *beat_result_json(long status, json_t *headers, const char *body,
-							  size_t len, double total_ms);
+							  size_t len, double total_ms, bool verbatim_if_text);
 extern bool beat_header_kept(const char *name, size_t len);
 
 #endif							/* BEAT_HTTP_H */

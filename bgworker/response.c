@@ -12,7 +12,10 @@
  * The result is {"status", "headers", "body", "ms"}.  A body that is valid
  * JSON is embedded as the bytes that came, so jsonb keeps its numbers
  * exactly as the provider wrote them; other text becomes a JSON string; a
- * body that is not UTF-8 text (or holds NUL) goes in "body_base64".
+ * body that is not UTF-8 text (or holds NUL) goes in "body_base64".  The
+ * caller first asks for the body embedded as it came (verbatim) and lets
+ * jsonb_in judge it, asking again for the string form only when jsonb_in
+ * refuses: a JSON body is parsed once, not twice.
  *
  * Plain C and malloc only: see http.h.
  *
@@ -148,7 +151,7 @@ base64(const unsigned char *s, size_t len)
 /* The result JSON text of a response (malloc'd), or NULL when out of memory. */
 char *
 beat_result_json(long status, json_t *headers, const char *body, size_t len,
-				 double total_ms)
+				 double total_ms, bool verbatim_if_text)
 {
 	char	   *head;
 	char	   *hdrs = headers ? json_dumps(headers, JSON_COMPACT) : strdup("{}");
@@ -156,18 +159,12 @@ beat_result_json(long status, json_t *headers, const char *body, size_t len,
 	char	   *out;
 	size_t		headlen;
 	size_t		taillen;
-	json_error_t jerr;
-	json_t	   *parsed = NULL;
 	bool		verbatim = false;
 
 	if (hdrs == NULL)
 		return NULL;
-	if (len > 0 && utf8_text((const unsigned char *) body, len))
-	{
-		parsed = json_loadb(body, len, JSON_DECODE_ANY, &jerr);
-		verbatim = parsed != NULL;
-		json_decref(parsed);
-	}
+	if (verbatim_if_text && len > 0 && utf8_text((const unsigned char *) body, len))
+		verbatim = true;
 
 	if (asprintf(&head, "{\"status\":%ld,\"ms\":%.3f,\"headers\":%s,\"body\":",
 				 status, total_ms, hdrs) < 0)

@@ -836,13 +836,24 @@ record_finished(void)
 			if (!timing_nulls[4][i])
 				total_ms = DatumGetFloat8(timings[4][i]);
 			{
+				/* the body as it came; if jsonb refuses it, as a string */
 				char	   *json = beat_result_json(status, t->headers, t->body, t->len,
-													total_ms);
+													total_ms, true);
 
 				if (json != NULL)
 				{
 					results[i] = jsonb_or_null(json, &result_nulls[i]);
 					free(json);
+				}
+				if (result_nulls[i])
+				{
+					json = beat_result_json(status, t->headers, t->body, t->len,
+											total_ms, false);
+					if (json != NULL)
+					{
+						results[i] = jsonb_or_null(json, &result_nulls[i]);
+						free(json);
+					}
 				}
 			}
 		}
