@@ -264,6 +264,16 @@ header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 	return n;
 }
 
+/* Compare two int64 for qsort and bsearch. */
+static int
+cmp_int64(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return (x > y) - (x < y);
+}
+
 /* Free a transfer and all it holds. */
 static void
 transfer_free(Transfer *t)
@@ -780,6 +790,8 @@ record_finished(void)
 	};
 	Transfer   *t;
 	int			i;
+	int64	   *updated;
+	uint64		done_before = stat_done;
 
 	for (int k = 0; k < 5; k++)
 	{
@@ -927,35 +939,34 @@ record_finished(void)
 					 6, argtypes);
 		beat_execute(plan_record, values, "      ", SPI_OK_UPDATE_RETURNING);
 
-		/* what was not updated had lost its lease */
+		/* what was not updated had lost its lease (ids are unique here) */
 		nupdated = SPI_processed;
-		for (i = 0; i < n; i++)
-			lost[i] = true;
+		updated = palloc(sizeof(int64) * Max(nupdated, 1));
 		for (uint64 r = 0; r < nupdated; r++)
 		{
-			int64		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r],
-														 SPI_tuptable->tupdesc, 1, &isnull));
-			bool		ok = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[r],
-														SPI_tuptable->tupdesc, 2, &isnull));
-
-			for (i = 0; i < n; i++)
-				if (lost[i] && DatumGetInt64(ids[i]) == id)
-				{
-					lost[i] = false;
-					break;
-				}
-			if (ok)
+			updated[r] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r],
+													 SPI_tuptable->tupdesc, 1, &isnull));
+			if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[r],
+										   SPI_tuptable->tupdesc, 2, &isnull)))
 				stat_done++;
 			else
-			{
-				/*
-				 * Failed, or retried later: a retry's run_at must be seen by
-				 * whoever sleeps until the next due task (us too), so wake
-				 * the flow's workers at commit; they reread it.
-				 */
 				stat_failed++;
-				beat_wake_at_commit(flow_name);
-			}
+		}
+
+		/*
+		 * Failed, or retried later: a retry's run_at must be seen by whoever
+		 * sleeps until the next due task (us too), so wake the flow's
+		 * workers at commit; they reread it.
+		 */
+		if (nupdated > (uint64) (stat_done - done_before))
+			beat_wake_at_commit(flow_name);
+
+		qsort(updated, nupdated, sizeof(int64), cmp_int64);
+		for (i = 0; i < n; i++)
+		{
+			int64		id = DatumGetInt64(ids[i]);
+
+			lost[i] = bsearch(&id, updated, nupdated, sizeof(int64), cmp_int64) == NULL;
 		}
 		for (i = 0; i < n; i++)
 			if (lost[i])
