@@ -264,16 +264,6 @@ header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 	return n;
 }
 
-/* Compare two int64 for qsort and bsearch. */
-static int
-cmp_int64(const void *a, const void *b)
-{
-	int64		x = *(const int64 *) a;
-	int64		y = *(const int64 *) b;
-
-	return (x > y) - (x < y);
-}
-
 /* Free a transfer and all it holds. */
 static void
 transfer_free(Transfer *t)
@@ -961,12 +951,12 @@ record_finished(void)
 		if (nupdated > (uint64) (stat_done - done_before))
 			beat_wake_at_commit(flow_name);
 
-		qsort(updated, nupdated, sizeof(int64), cmp_int64);
+		qsort(updated, nupdated, sizeof(int64), beat_cmp_int64);
 		for (i = 0; i < n; i++)
 		{
 			int64		id = DatumGetInt64(ids[i]);
 
-			lost[i] = bsearch(&id, updated, nupdated, sizeof(int64), cmp_int64) == NULL;
+			lost[i] = bsearch(&id, updated, nupdated, sizeof(int64), beat_cmp_int64) == NULL;
 		}
 		for (i = 0; i < n; i++)
 			if (lost[i])

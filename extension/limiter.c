@@ -787,16 +787,6 @@ raise_marks(int64 cost)
 	pfree(snap);
 }
 
-/* Compare int64s for qsort. */
-static int
-cmp_int64_limiter(const void *a, const void *b)
-{
-	int64		x = *(const int64 *) a;
-	int64		y = *(const int64 *) b;
-
-	return (x > y) - (x < y);
-}
-
 /* Compare ints for qsort. */
 static int
 cmp_int(const void *a, const void *b)
@@ -1336,7 +1326,7 @@ beat_bench_acquire(PG_FUNCTION_ARGS)
 		INSTR_TIME_SUBTRACT(end, total);
 		values[0] = Float8GetDatum(iterations / INSTR_TIME_GET_DOUBLE(end));
 	}
-	qsort(ns, iterations, sizeof(int64), cmp_int64_limiter);
+	qsort(ns, iterations, sizeof(int64), beat_cmp_int64);
 	values[1] = Float8GetDatum((double) ns[iterations / 2]);
 	values[2] = Float8GetDatum((double) ns[(int) (iterations * 0.99)]);
 	values[3] = Int64GetDatum(admitted);

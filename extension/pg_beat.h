@@ -116,6 +116,7 @@ extern void beat_require(FunctionCallInfo fcinfo, int argno, const char *name);
 extern char *beat_check_name(text *t, const char *what);
 extern void beat_check_interval(Interval *iv, const char *what, bool zero_ok);
 extern void beat_check_range(int64 value, int64 lo, int64 hi, const char *what);
+extern int	beat_cmp_int64(const void *a, const void *b);
 
 /* The states in which a task still has work ahead of it, and the final ones. */
 #define LIVE_STATES "('pending', 'scheduled', 'running', 'failed')"

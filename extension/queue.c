@@ -811,16 +811,6 @@ beat_complete(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/* Compare two int64 for qsort. */
-static int
-cmp_int64(const void *a, const void *b)
-{
-	int64		x = *(const int64 *) a;
-	int64		y = *(const int64 *) b;
-
-	return (x > y) - (x < y);
-}
-
 /* beat.complete_batch(task_ids, worker, results): all held, or an error. */
 Datum
 beat_complete_batch(PG_FUNCTION_ARGS)
@@ -891,12 +881,12 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 		for (uint64 i = 0; i < ndone; i++)
 			done[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
 												  SPI_tuptable->tupdesc, 1, &isnull));
-		qsort(done, ndone, sizeof(int64), cmp_int64);
+		qsort(done, ndone, sizeof(int64), beat_cmp_int64);
 		for (int i = 0; i < n; i++)
 		{
 			int64		id = DatumGetInt64(ids[i]);
 
-			if (bsearch(&id, done, ndone, sizeof(int64), cmp_int64) == NULL)
+			if (bsearch(&id, done, ndone, sizeof(int64), beat_cmp_int64) == NULL)
 				report_not_held(id, worker);
 		}
 		ereport(ERROR,

@@ -121,3 +121,13 @@ beat_check_range(int64 value, int64 lo, int64 hi, const char *what)
 				 errmsg("%s must be between " INT64_FORMAT " and " INT64_FORMAT, what, lo, hi),
 				 errdetail("The value given was " INT64_FORMAT ".", value)));
 }
+
+/* Compare two int64 for qsort and bsearch. */
+int
+beat_cmp_int64(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return (x > y) - (x < y);
+}
