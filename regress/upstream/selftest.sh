@@ -185,6 +185,216 @@ C "$B/_stats?status=500&reset=1" -o "$TMP/s" -w '%{http_code}' >"$TMP/w"
 check "/_stats ignores failure options" "$(cat "$TMP/w")" "200"
 pycheck "stats: /_stats not counted, max_in_flight" "$TMP/s" 'd["total"]==6 and d["max_in_flight"]>=1'
 
+# ---- faults per API key ----------------------------------------------------
+# jcheck NAME EXPR FILE...: EXPR (python; d = the parsed JSON FILEs, p = d[0], x = d[-1])
+# must be true
+jcheck() {
+    local name=$1 expr=$2 out; shift 2
+    out=$("$PY" -c 'import json,sys; d=[json.load(open(f)) for f in sys.argv[2:]]; p, x = d[0], d[-1]; sys.exit(0 if eval(sys.argv[1]) else 1)' \
+          "$expr" "$@" 2>&1) && ok "$name" || bad "$name" "$expr ${out:+($out)}"
+}
+F() { C -X POST -H 'Content-Type: application/json' --data-binary "$1" "$B/_faults"; }
+code() { C -o /dev/null -w '%{http_code}' "$@"; }
+C -X POST -o /dev/null "$B/_reset"
+check "POST /_faults answers the active count" \
+    "$(F '{"KEY_A": {"status": 429, "retry_after": 2}, "KEY_B": {"status": 401}}')" '{"faults": 2}'
+C -H 'X-Api-Key: KEY_A' -D "$TMP/h" -o "$TMP/j" -w '%{http_code}' "$B/json" >"$TMP/w"
+check "fault: X-Api-Key KEY_A -> 429 + Retry-After" "$(cat "$TMP/w") $(hdr "$TMP/h" Retry-After)" "429 2"
+pycheck "fault: default error body" "$TMP/j" 'd["error"]=="Too Many Requests" and d["status"]==429 and "method" not in d'
+check "fault: Bearer KEY_B -> 401" "$(code -H 'Authorization: Bearer KEY_B' "$B/json")" "401"
+check "fault: api_key=KEY_B -> 401" "$(code "$B/json?api_key=KEY_B")" "401"
+check "fault: other keys and no key still work" \
+    "$(code -H 'X-Api-Key: KEY_OK' "$B/json") $(code "$B/json")" "200 200"
+check "fault: X-Api-Key wins over Bearer" "$(code -H 'X-Api-Key: KEY_OK' -H 'Authorization: Bearer KEY_B' "$B/json")" "200"
+check "fault: Bearer wins over api_key=" "$(code -H 'Authorization: Bearer KEY_OK' "$B/json?api_key=KEY_B")" "200"
+check "fault: not Bearer scheme -> no key" "$(code -H 'Authorization: Basic KEY_B' "$B/json")" "200"
+check "fault: options do not change it (status=, reset=, hang=)" \
+    "$(code -H 'X-Api-Key: KEY_B' "$B/json?status=503&reset=1&hang=1&body=html")" "401"
+T=$(C -o /dev/null -w '%{http_code} %{time_total}' -H 'X-Api-Key: KEY_B' "$B/json?delay_ms=300")
+"$PY" -c 'import sys; c, t = sys.argv[1].split(); sys.exit(0 if c == "401" and 0.29 <= float(t) < 3 else 1)' "$T" \
+    && ok "fault: answered after delay_ms" || bad "fault after delay_ms" "$T"
+check "fault: applies to persona routes" "$(code -H 'X-Api-Key: KEY_A' "$B/acme/v1/profiles/jane_doe")" "429"
+check "POST merges; a key given again is replaced" "$(F '{"KEY_B": {"status": 500}, "KEY_C": {"status": 503, "count": 2}}')" '{"faults": 3}'
+check "fault replaced: KEY_B -> 500" "$(code -H 'X-Api-Key: KEY_B' "$B/json")" "500"
+check "fault count=2: first" "$(code -H 'X-Api-Key: KEY_C' "$B/json")" "503"
+C "$B/_faults" -o "$TMP/f"
+pycheck "GET /_faults lists remaining count and seconds" "$TMP/f" \
+    'sorted(d["faults"])==["KEY_A","KEY_B","KEY_C"] and d["faults"]["KEY_C"]["remaining_count"]==1 and d["faults"]["KEY_A"]=={"status":429,"retry_after":2,"remaining_count":None,"remaining_s":None}'
+check "fault count=2: second, then gone" \
+    "$(code -H 'X-Api-Key: KEY_C' "$B/json") $(code -H 'X-Api-Key: KEY_C' "$B/json")" "503 200"
+C "$B/_faults" -o "$TMP/f"
+pycheck "GET /_faults: a used-up fault is gone" "$TMP/f" 'sorted(d["faults"])==["KEY_A","KEY_B"]'
+check "fault for_s=1" "$(F '{"KEY_T": {"status": 429, "for_s": 1}}')" '{"faults": 3}'
+C "$B/_faults" -o "$TMP/f"
+pycheck "GET /_faults: remaining_s" "$TMP/f" '0 < d["faults"]["KEY_T"]["remaining_s"] <= 1'
+check "fault for_s: applies at first" "$(code -H 'X-Api-Key: KEY_T' "$B/json")" "429"
+sleep 1.05
+check "fault for_s: vanishes by itself" "$(code -H 'X-Api-Key: KEY_T' "$B/json")" "200"
+C "$B/_faults" -o "$TMP/f"
+pycheck "GET /_faults: an expired fault is gone" "$TMP/f" '"KEY_T" not in d["faults"]'
+F '{"KEY_D": {"status": 403, "body": {"code": "quota"}, "headers": {"X-Reason": "quota", "Content-Type": "application/problem+json"}}}' >/dev/null
+C -H 'X-Api-Key: KEY_D' -D "$TMP/h" -o "$TMP/j" -w '%{http_code} %{content_type}' "$B/json" >"$TMP/w"
+check "fault body and headers: status, Content-Type" "$(cat "$TMP/w") $(hdr "$TMP/h" X-Reason)" "403 application/problem+json quota"
+pycheck "fault body and headers: body" "$TMP/j" 'd=={"code":"quota"}'
+F '{"KEY_E": {"status": 200, "headers": {"X-Quota-Left": 5}}, "KEY_F": {"status": 200, "body": {"data": null}}}' >/dev/null
+C -H 'X-Api-Key: KEY_E' -D "$TMP/h" -o "$TMP/j" -w '%{http_code}' "$B/json?status=201" >"$TMP/w"
+check "2xx fault without body: route answers (options apply), headers added" "$(cat "$TMP/w") $(hdr "$TMP/h" X-Quota-Left)" "201 5"
+pycheck "2xx fault without body: the route's own body" "$TMP/j" 'd["method"]=="GET" and d["path"]=="/json"'
+C -H 'X-Api-Key: KEY_F' -o "$TMP/j" -w '%{http_code}' "$B/json" >"$TMP/w"
+check "2xx fault with body: status" "$(cat "$TMP/w")" "200"
+pycheck "2xx fault with body: the fault's body" "$TMP/j" 'd=={"data":None}'
+check "fault 204 with a body: sent without one" "$(F '{"KEY_G": {"status": 204, "body": {}}}' >/dev/null; C -H 'X-Api-Key: KEY_G' -o /dev/null -w '%{http_code} %{size_download}' "$B/json")" "204 0"
+check "POST /_faults: bad status -> 400" "$(C -o /dev/null -w '%{http_code}' -X POST -d '{"K": {"status": 99}}' "$B/_faults")" "400"
+check "POST /_faults: not JSON -> 400" "$(C -o /dev/null -w '%{http_code}' -X POST -d 'nope' "$B/_faults")" "400"
+check "POST /_faults: unknown field -> 400" "$(C -o /dev/null -w '%{http_code}' -X POST -d '{"K": {"status": 429, "retry-after": 1}}' "$B/_faults")" "400"
+check "POST /_faults: bad count/for_s -> 400" \
+    "$(C -o /dev/null -w '%{http_code}' -X POST -d '{"K": {"status": 429, "count": 0}}' "$B/_faults") $(C -o /dev/null -w '%{http_code}' -X POST -d '{"K": {"status": 429, "for_s": -1}}' "$B/_faults")" "400 400"
+check "POST /_faults: all or nothing" \
+    "$(C -o /dev/null -w '%{http_code}' -X POST -d '{"GOOD": {"status": 500}, "BAD": {"status": "x"}}' "$B/_faults") $(code -H 'X-Api-Key: GOOD' "$B/json")" "400 200"
+check "PUT /_faults -> 405" "$(C -o /dev/null -w '%{http_code}' -X PUT "$B/_faults")" "405"
+check "/_faults ignores options" "$(C -o /dev/null -w '%{http_code}' "$B/_faults?status=500&reset=1")" "200"
+check "DELETE /_faults clears them" "$(C -X DELETE "$B/_faults") $(code -H 'X-Api-Key: KEY_B' "$B/json")" '{"faults": 0} 200'
+check "GET /_faults: none" "$(C "$B/_faults")" '{"faults": {}}'
+
+# per-API-key counters; POST /_reset clears them and the faults
+F '{"KEY_Z": {"status": 500}}' >/dev/null
+C -X POST -o /dev/null "$B/_reset"
+check "POST /_reset clears the faults" "$(C "$B/_faults") $(code -H 'X-Api-Key: KEY_Z' "$B/json")" '{"faults": {}} 200'
+C -X POST -o /dev/null "$B/_reset"
+F '{"KEY_A": {"status": 429, "count": 1}}' >/dev/null
+C -o /dev/null -H 'X-Api-Key: KEY_A' "$B/json"; C -o /dev/null -H 'Authorization: Bearer KEY_A' "$B/json"
+C -o /dev/null "$B/profile/x?api_key=KEY_B"; C -o /dev/null "$B/json"
+C "$B/_faults" -o /dev/null
+C "$B/_stats" -o "$TMP/s"
+pycheck "stats: by_api_key" "$TMP/s" 'd["by_api_key"]=={"KEY_A":2,"KEY_B":1} and d["total"]==4'
+pycheck "stats: by_api_key_status" "$TMP/s" 'd["by_api_key_status"]=={"KEY_A":{"429":1,"200":1},"KEY_B":{"200":1}}'
+C -X POST -o /dev/null "$B/_reset"
+C "$B/_stats" -o "$TMP/s"
+pycheck "POST /_reset zeroes by_api_key*" "$TMP/s" 'd["by_api_key"]=={} and d["by_api_key_status"]=={}'
+
+# ---- personas: the same profile in four providers' shapes --------------------
+for h in jane_doe bob; do
+    C "$B/profile/$h" -o "$TMP/p0"; C "$B/acme/v1/profiles/$h" -o "$TMP/pa"
+    C "$B/bravo/api/user?username=$h" -o "$TMP/pb"; C "$B/charlie/graph?fields=profile&id=$h" -o "$TMP/pc"
+    C "$B/delta/channels/$h" -o "$TMP/pd"
+    jcheck "acme profile = canonical ($h)" \
+        'x["data"] == {"username": p["handle"], "full_name": p["display_name"], "follower_count": p["followers"], "following_count": p["following"], "media_count": p["posts"], "is_verified": p["verified"], "engagement": p["engagement_rate"], "biography": p["bio"], "profile_pic": p["avatar_url"]}' \
+        "$TMP/p0" "$TMP/pa"
+    jcheck "bravo profile = canonical, as strings ($h)" \
+        '(lambda b: b["handle"]==p["handle"] and b["name"]==p["display_name"] and b["stats"]=={"followers": str(p["followers"]), "following": str(p["following"]), "posts": str(p["posts"])} and b["verified"]==("true" if p["verified"] else "false") and float(b["engagement_rate"])==p["engagement_rate"] and b["avatar"]==p["avatar_url"] and b.get("bio", p["bio"])==p["bio"])(x["user"])' \
+        "$TMP/p0" "$TMP/pb"
+    jcheck "charlie profile = canonical ($h)" \
+        'x["result"][0]["type"]=="profile" and x["result"][0]["attributes"] == {"screen_name": p["handle"], "counts": {"followers": p["followers"], "friends": p["following"], "statuses": p["posts"]}, "verified": p["verified"], "er": p["engagement_rate"], "description": p["bio"], "image": p["avatar_url"]}' \
+        "$TMP/p0" "$TMP/pc"
+    jcheck "delta channel from canonical ($h)" \
+        'x["channel"] == {"slug": p["handle"], "title": p["display_name"], "subscribers": p["followers"], "videos": p["posts"], "views": 50 * p["followers"] + p["posts"]}' \
+        "$TMP/p0" "$TMP/pd"
+    cp "$TMP/pb" "$TMP/pb_$h"
+done
+jcheck "bravo: bio omitted for bob, present for jane_doe" '"bio" not in d[0]["user"] and "bio" in d[1]["user"]' "$TMP/pb_bob" "$TMP/pb_jane_doe"
+check "bravo user: missing username -> 400" "$(code "$B/bravo/api/user")" "400"
+check "charlie graph: fields=other -> 400" "$(code "$B/charlie/graph?fields=media&id=x")" "400"
+check "options apply to personas" "$(code "$B/charlie/graph?id=x&status=503") $(code "$B/delta/channels/x?status=429")" "503 429"
+
+# ---- canonical posts, and each persona's pagination --------------------------
+C "$B/posts/jane_doe" -o "$TMP/c1"; C "$B/posts/jane_doe" -o "$TMP/c2"
+check "posts are deterministic" "$(cmp -s "$TMP/c1" "$TMP/c2" && echo same)" "same"
+pycheck "posts: 38 for jane_doe, newest first, shape" "$TMP/c1" \
+    'len(d["posts"])==38 and len({x["id"] for x in d["posts"]})==38 and [x["created_at"] for x in d["posts"]]==sorted([x["created_at"] for x in d["posts"]], reverse=True) and all(sorted(x)==["caption","comments","created_at","id","likes"] and isinstance(x["likes"], int) and isinstance(x["comments"], int) and x["created_at"].endswith("Z") for x in d["posts"])'
+C "$B/posts/user38" -o "$TMP/c0"
+pycheck "posts: user38 has none" "$TMP/c0" 'd=={"posts": []}'
+# walk PERSONA HANDLE LIMIT: follow the persona's own next-page signal; writes the
+# normalised posts (one JSON line each) to $TMP/walk and prints "pages links last"
+walk() {
+    local persona=$1 h=$2 n=$3 url next pages=0 links=0 linkok=1
+    : >"$TMP/walk"
+    case $persona in
+        acme) url="$B/acme/v1/profiles/$h/posts?limit=$n" ;;
+        bravo) url="$B/bravo/api/posts?username=$h&count=$n" ;;
+        charlie) url="$B/charlie/graph/posts?id=$h&limit=$n" ;;
+    esac
+    while [ $pages -lt 50 ]; do
+        C "$url" -o "$TMP/pg" -D "$TMP/h"; pages=$((pages + 1))
+        next=$("$PY" - "$persona" "$TMP/pg" "$TMP/walk" <<'PYEOF'
+import json, sys
+persona, page, acc = sys.argv[1:]
+d = json.load(open(page))
+if persona == "acme":
+    rows = [{"id": x["id"], "created_at": x["taken_at"], "likes": x["like_count"],
+             "comments": x["comment_count"], "caption": x["caption"]} for x in d["data"]]
+    assert d["paging"]["next_cursor"]  # never null, not even on the last page
+    nxt = d["paging"]["next_cursor"] if d["paging"]["has_more"] else ""
+elif persona == "bravo":
+    rows = [{"id": x["post_id"], "created_at": x["created"], "likes": int(x["metrics"]["likes"]),
+             "comments": int(x["metrics"]["comments"]), "caption": x["text"]} for x in d["posts"]]
+    assert all(isinstance(x["metrics"]["likes"], str) for x in d["posts"])
+    assert d.get("next_page_token", "x") != ""  # absent on the last page, never empty
+    nxt = d.get("next_page_token", "")
+else:
+    rows = [{"id": x["attributes"]["id"], "created_at": x["attributes"]["time"],
+             "likes": x["attributes"]["favorites"], "comments": x["attributes"]["replies"],
+             "caption": x["attributes"]["text"]} for x in d["result"] if x["type"] == "post"]
+    nxt = "-"  # from the Link header
+with open(acc, "a") as f:
+    for r in rows:
+        f.write(json.dumps(r) + "\n")
+print(nxt)
+PYEOF
+        ) || { echo "parse-error"; return; }
+        if [ "$persona" = charlie ]; then
+            next=$(hdr "$TMP/h" Link)
+            if [ -n "$next" ]; then
+                links=$((links + 1))
+                case $next in "<$B/charlie/graph/posts?id=$h&after="*"&limit=$n>; rel=\"next\"") ;; *) linkok=0 ;; esac
+                next=${next#<}; next=${next%%>*}
+                url=$next
+            fi
+        else
+            case $persona in
+                acme) url="$B/acme/v1/profiles/$h/posts?limit=$n&cursor=$next" ;;
+                bravo) url="$B/bravo/api/posts?username=$h&count=$n&page_token=$next" ;;
+            esac
+        fi
+        [ -z "$next" ] && break
+    done
+    echo "$pages $links $linkok"
+}
+SAME='import json,sys; a=json.load(open(sys.argv[1]))["posts"]; b=[json.loads(l) for l in open(sys.argv[2])]; sys.exit(0 if a==b else 1)'
+for persona in acme bravo charlie; do
+    R=$(walk $persona jane_doe 7)
+    if [ $persona = charlie ]; then want="6 5 1"; else want="6 0 1"; fi
+    check "$persona posts: 38 in pages of 7" "$R" "$want"
+    "$PY" -c "$SAME" "$TMP/c1" "$TMP/walk" && ok "$persona posts = /posts/jane_doe" || bad "$persona posts = /posts/jane_doe"
+    R=$(walk $persona user38 5)
+    check "$persona posts: none for user38, one page" "$R $(wc -l <"$TMP/walk")" "1 0 1 0"
+done
+# acme's quirk: the last page still has a stale next_cursor; following it repeats that page
+C "$B/acme/v1/profiles/jane_doe/posts?limit=20" -o "$TMP/a1"
+CUR=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["paging"]["next_cursor"])' "$TMP/a1")
+C "$B/acme/v1/profiles/jane_doe/posts?limit=20&cursor=$CUR" -o "$TMP/a2"
+pycheck "acme last page: has_more false, next_cursor non-null" "$TMP/a2" 'd["paging"]["has_more"] is False and isinstance(d["paging"]["next_cursor"], str) and len(d["data"])==18'
+STALE=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["paging"]["next_cursor"])' "$TMP/a2")
+C "$B/acme/v1/profiles/jane_doe/posts?limit=20&cursor=$STALE" -o "$TMP/a3"
+check "acme stale cursor repeats the last page" "$(cmp -s "$TMP/a2" "$TMP/a3" && echo same)" "same"
+C "$B/bravo/api/posts?username=jane_doe&count=40" -o "$TMP/b1"
+pycheck "bravo last page: no next_page_token key" "$TMP/b1" '"next_page_token" not in d and len(d["posts"])==38'
+C "$B/charlie/graph/posts?id=jane_doe&limit=5&key=walk" -D "$TMP/h" -o /dev/null
+case $(hdr "$TMP/h" Link) in *"&limit=5&key=walk>; rel=\"next\"") ok "charlie Link carries options" ;;
+    *) bad "charlie Link carries options" "$(hdr "$TMP/h" Link)" ;; esac
+C "$B/charlie/graph/posts?id=jane_doe&limit=40" -D "$TMP/h" -o /dev/null
+check "charlie last page: no Link" "$(hdr "$TMP/h" Link)" ""
+C "$B/acme/v1/profiles/jane_doe/posts?cursor=junk" -o "$TMP/j" -w '%{http_code}' >"$TMP/w"
+check "acme: invalid cursor 400" "$(cat "$TMP/w")" "400"
+pycheck "invalid cursor body" "$TMP/j" 'd["error"]=="invalid cursor"'
+check "bravo/charlie: invalid cursor 400" \
+    "$(code "$B/bravo/api/posts?username=jane_doe&page_token=junk") $(code "$B/charlie/graph/posts?id=jane_doe&after=junk")" "400 400"
+check "a cursor of another handle or persona is invalid" \
+    "$(code "$B/acme/v1/profiles/bob/posts?cursor=$CUR") $(code "$B/bravo/api/posts?username=jane_doe&page_token=$CUR")" "400 400"
+check "posts: limit out of range 400" "$(code "$B/acme/v1/profiles/jane_doe/posts?limit=0")" "400"
+check "options and faults apply to posts" \
+    "$(code "$B/bravo/api/posts?username=jane_doe&status=503") $(F '{"KEY_P": {"status": 401}}' >/dev/null; code "$B/charlie/graph/posts?id=jane_doe&api_key=KEY_P")" "503 401"
+C -X DELETE -o /dev/null "$B/_faults"
+
 # ---- shutdown ------------------------------------------------------------------
 curl -s --max-time 10 -o /dev/null "$B/json?hang=1" & HANGER=$!
 sleep 0.2

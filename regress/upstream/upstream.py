@@ -21,13 +21,39 @@ Routes (every method works on every route unless noted; HEAD gets no body)
                          {"items": [{"id": k}, ...], "next_cursor": "..."|null};
                          ids run 1..M; Link: <url>; rel="next" while a next page exists
   /profile/<handle>      fixed-shape profile, numbers derived from a hash of the handle
+  /posts/<handle>        all of the handle's 0..40 posts, newest first, unpaginated:
+                         {"posts": [{"id", "created_at", "likes", "comments", "caption"}]}
+  Personas: the same profile and posts in three fake "social" providers' shapes,
+  paginated with opaque cursors (a bad one gets 400 {"error": "invalid cursor"}):
+  /acme/v1/profiles/<handle>         {"data": {...}}
+  /acme/v1/profiles/<handle>/posts?limit=N&cursor=C
+                         {"data": [...], "paging": {"next_cursor", "has_more"}}; the
+                         last page keeps a stale non-null next_cursor, has_more false
+  /bravo/api/user?username=<handle>  {"user": {...}}, numbers as strings, bio
+                         missing for ~1 handle in 10
+  /bravo/api/posts?username=<handle>&count=N&page_token=T
+                         {"posts": [...], "next_page_token": T}; no key on the last page
+  /charlie/graph?fields=profile&id=<handle>       {"result": [{"type": "profile", ...}]}
+  /charlie/graph/posts?id=<handle>&limit=N&after=C
+                         {"result": [...]}; next page only in a Link: <url>; rel="next"
+  /delta/channels/<handle>           a second platform ("video"): {"channel": {...}}
   GET  /_stats           counters (see below); never subject to the options
-  POST /_reset           zero the counters and the rate-limit buckets
+  POST /_reset           zero the counters and the rate-limit buckets, clear the faults
+  POST /_faults          merge {"API_KEY": {"status", "retry_after", "for_s", "count",
+                         "body", "headers"}, ...} into the fault table -> {"faults": N}
+  GET  /_faults          the active faults; DELETE /_faults clears them all
   anything else          404 {"error": "no such route"}
 
-Options (query string, any route except /_stats and /_reset), applied in order
+Faults: a request's API key is header X-Api-Key, else the token of
+`Authorization: Bearer T`, else query parameter api_key.  When that key has a
+fault, the fault (status, Retry-After, headers, body) is the whole answer, right
+after delay_ms and before anything else; a 2xx fault without a body lets the
+route answer as usual (with the fault's headers added).
+
+Options (query string, any route except /_stats, /_reset and /_faults), applied in order
   key=K                  count this request under by_key[K] in /_stats
   delay_ms=N             sleep N ms before doing anything else
+                         (then the request's API-key fault, if it has one)
   reset=1                close abruptly with SO_LINGER 0 (client sees a RST, curl exit 56)
   hang=1                 never answer; hold the connection until the client closes it
   expires=EPOCH          403 {"error": "URL signature expired"} once time() > EPOCH
@@ -46,9 +72,11 @@ Options (query string, any route except /_stats and /_reset), applied in order
   size=N                 pad the body to ~N bytes with a "pad" field (streamed; <= 1 GB)
   partial=1              send the headers and half the body, then close (curl exit 18)
 
-/_stats: {"total", "by_path", "by_status", "by_key", "dropped": {"reset", "hang",
-"partial"}, "in_flight", "max_in_flight", "uptime_s"}.  /_stats and /_reset are not
-counted themselves; by_status counts responses sent (keys are strings).
+/_stats: {"total", "by_path", "by_status", "by_key", "by_api_key", "by_api_key_status",
+"dropped": {"reset", "hang", "partial"}, "in_flight", "max_in_flight", "uptime_s"}.
+/_stats, /_reset and /_faults are not counted themselves; by_status counts responses
+sent (keys are strings); by_api_key counts requests per API key as they arrive and
+by_api_key_status responses per API key per status ({"KEY": {"200": n}}).
 """
 
 import argparse
@@ -85,7 +113,7 @@ class BadRequest(Exception):
 
 
 class Stats:
-    """All counters and the rate-limit windows, behind one lock."""
+    """All counters, the rate-limit windows and the fault table, behind one lock."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -100,21 +128,28 @@ class Stats:
         self.by_path = collections.Counter()
         self.by_status = collections.Counter()
         self.by_key = collections.Counter()
+        self.by_api_key = collections.Counter()
+        self.by_api_key_status = collections.defaultdict(collections.Counter)
         self.dropped = collections.Counter()
         self.windows = {}
+        self.faults = {}  # API key -> Fault
         self.max_in_flight = self.in_flight
 
-    def received(self, path, key):
+    def received(self, path, key, api_key):
         with self.lock:
             self.total += 1
             self.by_path[path] += 1
             if key is not None:
                 self.by_key[key] += 1
+            if api_key is not None:
+                self.by_api_key[api_key] += 1
             return self.total
 
-    def sent(self, status):
+    def sent(self, status, api_key=None):
         with self.lock:
             self.by_status[str(status)] += 1
+            if api_key is not None:
+                self.by_api_key_status[api_key][str(status)] += 1
 
     def drop(self, how):
         with self.lock:
@@ -129,6 +164,8 @@ class Stats:
         with self.lock:
             return {"total": self.total, "by_path": dict(self.by_path),
                     "by_status": dict(self.by_status), "by_key": dict(self.by_key),
+                    "by_api_key": dict(self.by_api_key),
+                    "by_api_key_status": {k: dict(v) for k, v in self.by_api_key_status.items()},
                     "dropped": {k: self.dropped[k] for k in ("reset", "hang", "partial")},
                     "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                     "uptime_s": round(time.monotonic() - self.started, 3)}
@@ -147,6 +184,112 @@ class Stats:
                 return False, 0, max(1, math.ceil(window))
             # the slot that frees first is the limit-th newest admission
             return False, 0, max(1, math.ceil(q[len(q) - limit] + window - now))
+
+    # ---- per-API-key faults (POST/GET/DELETE /_faults) ----------------------
+    def _prune_faults(self, now):
+        """Drop the faults whose for_s ran out (call with the lock held)."""
+        for k in [k for k, f in self.faults.items() if f.until is not None and f.until <= now]:
+            del self.faults[k]
+
+    def set_faults(self, faults):
+        """Merge {api_key: Fault} into the table; returns the number active."""
+        with self.lock:
+            self.faults.update(faults)
+            self._prune_faults(time.monotonic())
+            return len(self.faults)
+
+    def clear_faults(self):
+        with self.lock:
+            self.faults = {}
+
+    def list_faults(self):
+        now = time.monotonic()
+        with self.lock:
+            self._prune_faults(now)
+            return {k: f.describe(now) for k, f in sorted(self.faults.items())}
+
+    def take_fault(self, api_key):
+        """The fault for api_key, if one is active; a counted one is used up by one."""
+        if api_key is None:
+            return None
+        with self.lock:
+            self._prune_faults(time.monotonic())
+            f = self.faults.get(api_key)
+            if f is not None and f.left is not None:
+                f.left -= 1
+                if f.left <= 0:
+                    del self.faults[api_key]
+            return f
+
+
+class Fault:
+    """One entry of the fault table, validated from its POST /_faults JSON."""
+
+    FIELDS = {"status", "retry_after", "for_s", "count", "body", "headers"}
+
+    def __init__(self, key, spec, now):
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        where = "fault for %s: " % json.dumps(key)
+        if not key:
+            raise BadRequest("an API key must not be empty")
+        if not isinstance(spec, dict):
+            raise BadRequest(where + "must be an object")
+        unknown = sorted(set(spec) - self.FIELDS)
+        if unknown:
+            raise BadRequest(where + "unknown field(s) " + ", ".join(unknown))
+        self.status = spec.get("status")
+        if not is_int(self.status) or not 200 <= self.status <= 599:
+            raise BadRequest(where + "status must be an integer 200..599")
+        self.retry_after = spec.get("retry_after")
+        if self.retry_after is not None and (not is_int(self.retry_after) or self.retry_after < 0):
+            raise BadRequest(where + "retry_after must be an integer >= 0")
+        for_s = spec.get("for_s")
+        if for_s is not None and (not isinstance(for_s, (int, float)) or isinstance(for_s, bool)
+                                  or not 0 < for_s < math.inf):
+            raise BadRequest(where + "for_s must be a number > 0")
+        self.until = None if for_s is None else now + for_s
+        self.left = spec.get("count")
+        if self.left is not None and (not is_int(self.left) or self.left < 1):
+            raise BadRequest(where + "count must be an integer >= 1")
+        self.has_body = "body" in spec  # "body": null is a body too (the JSON null)
+        self.body = spec.get("body")
+        self.headers = []
+        hdrs = spec.get("headers", {})
+        if not isinstance(hdrs, dict):
+            raise BadRequest(where + "headers must be an object")
+        for name, value in hdrs.items():
+            if not name or any(c in name for c in " \t\r\n:"):
+                raise BadRequest(where + "bad header name %s" % json.dumps(name))
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise BadRequest(where + "header %s must be a string or a number" % name)
+            self.headers.append((name, str(value)))
+
+    def extra_headers(self):
+        """Retry-After (from retry_after), then the fault's own headers."""
+        extra = []
+        if self.retry_after is not None:
+            extra.append(("Retry-After", str(self.retry_after)))
+        for name, value in self.headers:
+            set_header(extra, name, value)
+        return extra
+
+    def passes_through(self):
+        """A 2xx fault without a body lets the route answer (a no-op fault)."""
+        return self.status < 300 and not self.has_body
+
+    def describe(self, now):
+        d = {"status": self.status}
+        if self.retry_after is not None:
+            d["retry_after"] = self.retry_after
+        if self.has_body:
+            d["body"] = self.body
+        if self.headers:
+            d["headers"] = dict(self.headers)
+        d["remaining_count"] = self.left
+        d["remaining_s"] = None if self.until is None else round(max(0.0, self.until - now), 3)
+        return d
 
 
 STATS = Stats()
@@ -231,6 +374,108 @@ def profile(handle):
             "avatar_url": "https://example.invalid/avatar/%s.jpg" % urllib.parse.quote(handle)}
 
 
+POSTS_EPOCH = 1704067200  # 2024-01-01T00:00:00Z: post n is created on day n after it
+MAX_POSTS = 40
+
+
+def post_count(handle):
+    """How many posts a handle has: 0..40, from byte 25 of SHA-256(handle)."""
+    return hashlib.sha256(handle.encode("utf-8")).digest()[25] % (MAX_POSTS + 1)
+
+
+def posts(handle):
+    """Every post of a handle, newest first, in the canonical /posts/<handle> shape.
+    Post n (1 = oldest) takes its numbers from SHA-256("<handle>#<n>")."""
+    pid, out = profile(handle)["id"], []
+    for n in range(post_count(handle), 0, -1):
+        d = hashlib.sha256(("%s#%d" % (handle, n)).encode("utf-8")).digest()
+        t = POSTS_EPOCH + n * 86400 + int.from_bytes(d[6:10], "big") % 86400
+        out.append({"id": "%s_%d" % (pid, n),
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)),
+                    "likes": int.from_bytes(d[0:4], "big") % 50_000,
+                    "comments": int.from_bytes(d[4:6], "big") % 2_000,
+                    "caption": "Post %d by @%s" % (n, handle)})
+    return out
+
+
+def bravo_has_bio(handle):
+    """The "bravo" persona leaves bio out for about 1 handle in 10."""
+    return hashlib.sha256(handle.encode("utf-8")).digest()[24] % 10 != 0
+
+
+# ---- personas: the same profile and posts in each fake provider's JSON shape ----
+def acme_profile(p):
+    return {"data": {"username": p["handle"], "full_name": p["display_name"],
+                     "follower_count": p["followers"], "following_count": p["following"],
+                     "media_count": p["posts"], "is_verified": p["verified"],
+                     "engagement": p["engagement_rate"], "biography": p["bio"],
+                     "profile_pic": p["avatar_url"]}}
+
+
+def bravo_profile(p):
+    """Numbers and booleans as strings; bio sometimes missing, like untidy APIs."""
+    user = {"handle": p["handle"], "name": p["display_name"],
+            "stats": {"followers": str(p["followers"]), "following": str(p["following"]),
+                      "posts": str(p["posts"])},
+            "verified": json.dumps(p["verified"]), "engagement_rate": json.dumps(p["engagement_rate"]),
+            "bio": p["bio"], "avatar": p["avatar_url"]}
+    if not bravo_has_bio(p["handle"]):
+        del user["bio"]
+    return {"user": user}
+
+
+def charlie_profile(p):
+    return {"result": [{"type": "profile", "attributes": {
+        "screen_name": p["handle"],
+        "counts": {"followers": p["followers"], "friends": p["following"], "statuses": p["posts"]},
+        "verified": p["verified"], "er": p["engagement_rate"], "description": p["bio"],
+        "image": p["avatar_url"]}}]}
+
+
+def delta_channel(p):
+    """The second platform ("video"): derived from the same canonical profile."""
+    return {"channel": {"slug": p["handle"], "title": p["display_name"],
+                        "subscribers": p["followers"], "videos": p["posts"],
+                        "views": 50 * p["followers"] + p["posts"]}}
+
+
+def acme_post(x):
+    return {"id": x["id"], "taken_at": x["created_at"], "like_count": x["likes"],
+            "comment_count": x["comments"], "caption": x["caption"]}
+
+
+def bravo_post(x):
+    return {"post_id": x["id"], "created": x["created_at"],
+            "metrics": {"likes": str(x["likes"]), "comments": str(x["comments"])}, "text": x["caption"]}
+
+
+def charlie_post(x):
+    return {"type": "post", "attributes": {"id": x["id"], "time": x["created_at"],
+                                           "favorites": x["likes"], "replies": x["comments"],
+                                           "text": x["caption"]}}
+
+
+def persona_cursor(tag, handle, offset):
+    """An opaque cursor: "<tag>." + base64url("<offset>:<handle>"), bound to one handle."""
+    raw = ("%d:%s" % (offset, handle)).encode("utf-8")
+    return tag + "." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def read_persona_cursor(tag, handle, cursor, total):
+    """The offset in a persona_cursor(); BadRequest unless it is this tag's, this
+    handle's and within 0..total."""
+    try:
+        assert cursor.startswith(tag + ".")
+        b64 = cursor[len(tag) + 1:]
+        off, sep, who = base64.urlsafe_b64decode((b64 + "=" * (-len(b64) % 4)).encode()).decode().partition(":")
+        assert sep and who == handle and off.isdigit()
+        offset = int(off)
+        assert 0 <= offset <= total
+        return offset
+    except Exception:
+        raise BadRequest("invalid cursor") from None
+
+
 def pieces(body):
     yield body.head
     left = body.pad
@@ -250,6 +495,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     verbose = False
     max_seconds = 3600.0
     n = None
+    api_key = None
 
     def log_message(self, fmt, *args):
         if self.verbose:
@@ -284,6 +530,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("request body too large")
         return self.rfile.read(n) if n > 0 else b""
 
+    def request_api_key(self, q):
+        """The request's API key: header X-Api-Key, else the token of
+        `Authorization: Bearer T`, else query parameter api_key; None if none
+        of them is present and non-empty."""
+        key = (self.headers.get("X-Api-Key") or "").strip()
+        if key:
+            return key
+        scheme, _, token = (self.headers.get("Authorization") or "").strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return q.get("api_key", [""])[-1] or None
+
     def dispatch(self):
         try:
             self._dispatch()
@@ -294,8 +552,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         path = url.path
         q = urllib.parse.parse_qs(url.query, keep_blank_values=True)
-        control = path in ("/_stats", "/_reset")
-        self.n = None if control else STATS.received(path, q["key"][-1] if "key" in q else None)
+        control = path in ("/_stats", "/_reset", "/_faults")
+        self.api_key = None if control else self.request_api_key(q)
+        self.n = None if control else STATS.received(path, q["key"][-1] if "key" in q else None,
+                                                     self.api_key)
         try:
             req_body = self.read_body()
         except (BadRequest, ValueError) as e:
@@ -310,6 +570,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with STATS.lock:
                 STATS.zero()
             return self.send_json(200, {"reset": True}, count=False)
+        if path == "/_faults":
+            return self.faults(req_body)
         STATS.enter(1)
         try:
             self.route(path, q, req_body)
@@ -318,11 +580,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             STATS.enter(-1)
 
+    def faults(self, req_body):
+        """GET lists the active faults, POST merges a {api_key: fault} object into
+        the table, DELETE clears it.  Never counted, never subject to options."""
+        if self.command in ("GET", "HEAD"):
+            return self.send_json(200, {"faults": STATS.list_faults()}, count=False)
+        if self.command == "DELETE":
+            STATS.clear_faults()
+            return self.send_json(200, {"faults": 0}, count=False)
+        if self.command != "POST":
+            return self.send_json(405, {"error": "use GET, POST or DELETE"},
+                                  [("Allow", "GET, POST, DELETE")], count=False)
+        try:
+            spec = json.loads(req_body.decode("utf-8"))
+            if not isinstance(spec, dict):
+                raise BadRequest("the body must be a JSON object {api_key: fault}")
+            now = time.monotonic()  # validate every fault before any is applied
+            table = {key: Fault(key, f, now) for key, f in spec.items()}
+        except (BadRequest, ValueError) as e:
+            msg = str(e) if isinstance(e, BadRequest) else "the body must be JSON"
+            return self.send_json(400, {"error": msg}, count=False)
+        return self.send_json(200, {"faults": STATS.set_faults(table)}, count=False)
+
     def route(self, path, q, req_body):
         n, extra = self.n, []
         delay = int_opt(q, "delay_ms", 0)
         if delay:
             time.sleep(min(delay / 1000.0, self.max_seconds))
+        fault = STATS.take_fault(self.api_key)
+        if fault is not None:
+            if not fault.passes_through():
+                return self.send_fault(fault)
+            extra += fault.extra_headers()  # a no-op fault only adds its headers
         if flag(q, "reset"):
             return self.drop_reset()
         if flag(q, "hang"):
@@ -357,9 +646,76 @@ class Handler(http.server.BaseHTTPRequestHandler):
             obj = self.page(q, extra)
         elif path.startswith("/profile/") and len(path) > len("/profile/"):
             obj = profile(urllib.parse.unquote(path[len("/profile/"):]))
+        elif path.startswith("/posts/") and len(path) > len("/posts/"):
+            obj = {"posts": posts(urllib.parse.unquote(path[len("/posts/"):]))}
         else:
-            status, obj = 404, {"error": "no such route", "path": path, "n": n}
+            obj = self.persona(path, q, extra)
+            if obj is None:
+                status, obj = 404, {"error": "no such route", "path": path, "n": n}
         return self.answer(q, status, obj, extra, True)
+
+    def persona(self, path, q, extra):
+        """The fake providers' routes; None when the path is none of them."""
+        if path.startswith("/acme/v1/profiles/"):
+            handle, sep, rest = path[len("/acme/v1/profiles/"):].partition("/")
+            handle = urllib.parse.unquote(handle)
+            if handle and not sep:
+                return acme_profile(profile(handle))
+            if handle and rest == "posts":
+                cursor = q.get("cursor", [""])[-1]
+                items, offset, end, total = self.post_page(q, "ac1", handle, cursor, "limit")
+                # the quirk: the last page still has a (stale) non-null next_cursor,
+                # its own; only has_more says that there is no more
+                return {"data": [acme_post(x) for x in items],
+                        "paging": {"next_cursor": persona_cursor("ac1", handle, end if end < total else offset),
+                                   "has_more": end < total}}
+            return None
+        if path == "/bravo/api/user":
+            return bravo_profile(profile(self.need(q, "username")))
+        if path == "/bravo/api/posts":
+            handle = self.need(q, "username")
+            items, _, end, total = self.post_page(q, "br1", handle, q.get("page_token", [""])[-1], "count")
+            obj = {"posts": [bravo_post(x) for x in items]}
+            if end < total:  # the last page has no next_page_token key at all
+                obj["next_page_token"] = persona_cursor("br1", handle, end)
+            return obj
+        if path == "/charlie/graph":
+            if q.get("fields", ["profile"])[-1] != "profile":
+                raise BadRequest("fields must be profile")
+            return charlie_profile(profile(self.need(q, "id")))
+        if path == "/charlie/graph/posts":
+            handle = self.need(q, "id")
+            items, _, end, total = self.post_page(q, "ch1", handle, q.get("after", [""])[-1], "limit")
+            if end < total:  # the next cursor is only in the Link header
+                params = [("id", handle), ("after", persona_cursor("ch1", handle, end)),
+                          ("limit", str(int_opt(q, "limit", 10, lo=1, hi=100)))]
+                params += [(k, v) for k, vs in q.items() if k not in ("id", "after", "limit") for v in vs]
+                extra.append(("Link", '<%s/charlie/graph/posts?%s>; rel="next"'
+                              % (self.base_url(), urllib.parse.urlencode(params))))
+            return {"result": [charlie_post(x) for x in items]}
+        if path.startswith("/delta/channels/") and len(path) > len("/delta/channels/"):
+            return delta_channel(profile(urllib.parse.unquote(path[len("/delta/channels/"):])))
+        return None
+
+    @staticmethod
+    def need(q, name):
+        """A required, non-empty query parameter."""
+        v = q.get(name, [""])[-1]
+        if not v:
+            raise BadRequest("missing %s=" % name)
+        return v
+
+    def post_page(self, q, tag, handle, cursor, size_param):
+        """One page of a handle's posts: (items, offset, end, total).  An empty
+        cursor is the first page; page size from size_param (1..100, default 10)."""
+        size = int_opt(q, size_param, 10, lo=1, hi=100)
+        every = posts(handle)
+        offset = read_persona_cursor(tag, handle, cursor, len(every)) if cursor else 0
+        end = min(offset + size, len(every))
+        return every[offset:end], offset, end, len(every)
+
+    def base_url(self):
+        return "http://" + (self.headers.get("Host") or "127.0.0.1:%d" % self.server.server_port)
 
     def echo(self, path, q, req_body):
         headers = {k.lower(): v for k, v in self.headers.items()
@@ -385,9 +741,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         end = min(offset + size, total)
         nxt = make_cursor(end) if end < total else None
         if nxt:
-            host = self.headers.get("Host") or "127.0.0.1:%d" % self.server.server_port
             params = [(k, v) for k, vs in q.items() if k != "cursor" for v in vs] + [("cursor", nxt)]
-            extra.append(("Link", '<http://%s/pages?%s>; rel="next"' % (host, urllib.parse.urlencode(params))))
+            extra.append(("Link", '<%s/pages?%s>; rel="next"' % (self.base_url(), urllib.parse.urlencode(params))))
         return {"items": [{"id": k} for k in range(offset + 1, end + 1)], "next_cursor": nxt}
 
     # ---- response side ------------------------------------------------
@@ -435,6 +790,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body.pad = max(0, size - len(body))
         self.send(status, body, extra, partial=flag(q, "partial"))
 
+    def send_fault(self, fault):
+        """A fault's answer, as it is: no option applies to it afterwards."""
+        if fault.has_body:
+            obj = fault.body
+        else:
+            obj = {"error": REASONS.get(fault.status, "error"), "status": fault.status, "n": self.n}
+        self.send(fault.status, Body(json.dumps(obj).encode()), fault.extra_headers())
+
     def send_json(self, status, obj, extra=(), count=True):
         self.send(status, Body(json.dumps(obj).encode()), list(extra), count=count)
 
@@ -457,7 +820,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         lines.append("\r\n")
         head = "".join(lines).encode("latin-1", "replace")
         if count:
-            STATS.sent(status)
+            STATS.sent(status, self.api_key)
         self.log_request(status, length)
         if self.command == "HEAD" or not has_body:
             return self.wfile.write(head)
