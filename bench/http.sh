@@ -306,6 +306,8 @@ port = $PORT
 listen_addresses = ''
 unix_socket_directories = '$DIR'
 shared_preload_libraries = 'pg_beat'
+# the upstream (nginx) is on loopback
+beat.allow_private_addresses = on
 shared_buffers = 1GB
 max_wal_size = 4GB
 max_worker_processes = 32

@@ -34,7 +34,7 @@ typedef struct BeatRequest
 {
 	char	   *url;			/* full URL with the query */
 	char	   *url_logged;		/* the same with secret query values hidden */
-	const char *method;			/* points into the template */
+	char		method[8];		/* a copy: the template may be reloaded meanwhile */
 	struct curl_slist *headers;
 	char	   *body;			/* NULL for none */
 	size_t		body_len;
@@ -60,10 +60,12 @@ typedef struct BeatStatusSet
 extern BeatTemplate *beat_template_parse(const char *json_text, char **error);
 extern void beat_template_free(BeatTemplate *t);
 extern bool beat_request_build(const BeatTemplate *t, const char *params_text,
-							   const char *redact, BeatRequest *req, char **error);
+							   const char *redact, json_t *secret, BeatRequest *req,
+							   char **error);
 extern void beat_request_free(BeatRequest *req);
 extern char *beat_redact_url(const char *url, const char *redact);
 extern bool beat_render_keys(char *const *templates, int n, const char *params_text,
+							 const char *provider, const char *credential,
 							 char **out, char **error);
 
 /*

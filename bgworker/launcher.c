@@ -234,7 +234,7 @@ read_wanted(WantedFlow **out)
 
 	beat_prepare(&plan_wanted,
 				 "SELECT name, workers FROM beat.flow"
-				 " WHERE request IS NOT NULL AND workers > 0 ORDER BY name",
+				 " WHERE (request IS NOT NULL OR operation IS NOT NULL) AND workers > 0 ORDER BY name",
 				 0, NULL);
 	beat_execute(plan_wanted, NULL, NULL, SPI_OK_SELECT);
 	wanted = palloc0(sizeof(WantedFlow) * Max(SPI_processed, 1));

@@ -13,7 +13,10 @@
  *             the string and JSON-escaped when the body is written.
  * Strings are written as themselves, numbers and booleans as JSON text,
  * objects and arrays as compact JSON.  A missing or null param is an error
- * that names it; the task then fails permanently without a request.
+ * that names it; the task then fails permanently without a request.  An
+ * optional placeholder, {{name?}}, is empty when the param is missing; a
+ * query parameter or header whose whole value is one is left out, and a
+ * body value that is one becomes null (a first page has no cursor).
  *
  * Plain C and malloc only: see http.h.
  *
@@ -151,7 +154,16 @@ param_text(json_t *params, const char *name, size_t namelen, char **error)
 	}
 	memcpy(key, name, namelen);
 	key[namelen] = '\0';
-	v = json_object_get(params, key);
+	if (namelen > 1 && key[namelen - 1] == '?')
+	{
+		/* {{name?}}: optional, empty when missing */
+		key[namelen - 1] = '\0';
+		v = json_object_get(params, key);
+		if (v == NULL || json_is_null(v))
+			return strdup("");
+	}
+	else
+		v = json_object_get(params, key);
 	if (v == NULL || json_is_null(v))
 	{
 		*error = msg("missing parameter \"%s\" for placeholder {{%s}}", key, key);
@@ -271,6 +283,27 @@ whole_placeholder(const char *s, const char **name, size_t *len)
 	return true;
 }
 
+/*
+ * Is template value v exactly one optional placeholder, {{name?}}, whose
+ * param is missing or null?  Such a query parameter or header is left out.
+ */
+static bool
+optional_missing(json_t *v, json_t *params)
+{
+	const char *name;
+	size_t		len;
+	char		key[256];
+	json_t	   *p;
+
+	if (!json_is_string(v) || !whole_placeholder(json_string_value(v), &name, &len) ||
+		len < 2 || name[len - 1] != '?' || len > sizeof(key))
+		return false;
+	memcpy(key, name, len - 1);
+	key[len - 1] = '\0';
+	p = json_object_get(params, key);
+	return p == NULL || json_is_null(p);
+}
+
 /* A copy of a body template with its placeholders filled (new reference). */
 static json_t *
 fill_body(json_t *tmpl, json_t *params, char **error)
@@ -295,7 +328,15 @@ fill_body(json_t *tmpl, json_t *params, char **error)
 			}
 			memcpy(key, name, len);
 			key[len] = '\0';
-			v = json_object_get(params, key);
+			if (len > 1 && key[len - 1] == '?')
+			{
+				key[len - 1] = '\0';
+				v = json_object_get(params, key);
+				if (v == NULL)
+					return json_null();
+			}
+			else
+				v = json_object_get(params, key);
 			if (v == NULL || json_is_null(v))
 			{
 				*error = msg("missing parameter \"%s\" for placeholder {{%s}}", key, key);
@@ -426,10 +467,15 @@ beat_request_free(BeatRequest *req)
 	memset(req, 0, sizeof(*req));
 }
 
-/* Fill template t with the params (JSON text) into req; false with *error. */
+/*
+ * Fill template t with the params (JSON text) into req; false with *error.
+ * secret, when not NULL, is a credential's {"headers": {...}, "query":
+ * {...}}: added as they are (query values percent-encoded), and its query
+ * parameters are hidden in url_logged like those named in redact.
+ */
 bool
 beat_request_build(const BeatTemplate *t, const char *params_text,
-				   const char *redact, BeatRequest *req, char **error)
+				   const char *redact, json_t *secret, BeatRequest *req, char **error)
 {
 	json_error_t jerr;
 	json_t	   *params = json_loads(params_text, 0, &jerr);
@@ -438,7 +484,7 @@ beat_request_build(const BeatTemplate *t, const char *params_text,
 	bool		has_content_type = false;
 
 	memset(req, 0, sizeof(*req));
-	req->method = t->method;
+	snprintf(req->method, sizeof(req->method), "%s", t->method);
 	if (params == NULL)
 	{
 		*error = msg("task params are not JSON: %s", jerr.text);
@@ -459,10 +505,17 @@ beat_request_build(const BeatTemplate *t, const char *params_text,
 
 		json_object_foreach(t->query, key, v)
 		{
-			char	   *raw = scalar_text(v);
-			char	   *value = raw ? render(raw, params, NULL, error) : NULL;
-			char	   *ekey = url_escape(key);
-			char	   *evalue = value ? url_escape(value) : NULL;
+			char	   *raw;
+			char	   *value;
+			char	   *ekey;
+			char	   *evalue;
+
+			if (optional_missing(v, params))
+				continue;
+			raw = scalar_text(v);
+			value = raw ? render(raw, params, NULL, error) : NULL;
+			ekey = url_escape(key);
+			evalue = value ? url_escape(value) : NULL;
 
 			free(raw);
 			free(value);
@@ -491,10 +544,14 @@ beat_request_build(const BeatTemplate *t, const char *params_text,
 
 		json_object_foreach(t->headers, key, v)
 		{
-			char	   *raw = scalar_text(v);
-			char	   *value = raw ? render(raw, params, NULL, error) : NULL;
+			char	   *raw;
+			char	   *value;
 			char	   *line;
 
+			if (optional_missing(v, params))
+				continue;
+			raw = scalar_text(v);
+			value = raw ? render(raw, params, NULL, error) : NULL;
 			free(raw);
 			if (value == NULL)
 				goto fail;
@@ -508,6 +565,34 @@ beat_request_build(const BeatTemplate *t, const char *params_text,
 				has_content_type = true;
 			line = msg("%s: %s", key, value);
 			free(value);
+			req->headers = curl_slist_append(req->headers, line);
+			free(line);
+		}
+	}
+
+	if (secret)
+	{
+		json_t	   *sq = json_object_get(secret, "query");
+		json_t	   *sh = json_object_get(secret, "headers");
+		const char *key;
+		json_t	   *v;
+
+		json_object_foreach(sq, key, v)
+		{
+			char	   *ekey = url_escape(key);
+			char	   *evalue = url_escape(json_string_value(v) ? json_string_value(v) : "");
+
+			buf_str(&full, strchr(full.data, '?') == NULL ? "?" : "&");
+			buf_str(&full, ekey ? ekey : "");
+			buf_str(&full, "=");
+			buf_str(&full, evalue ? evalue : "");
+			free(ekey);
+			free(evalue);
+		}
+		json_object_foreach(sh, key, v)
+		{
+			char	   *line = msg("%s: %s", key, json_string_value(v) ? json_string_value(v) : "");
+
 			req->headers = curl_slist_append(req->headers, line);
 			free(line);
 		}
@@ -543,6 +628,25 @@ beat_request_build(const BeatTemplate *t, const char *params_text,
 	}
 	req->url = full.data;
 	req->url_logged = beat_redact_url(full.data, redact);
+	if (secret && json_object_size(json_object_get(secret, "query")) > 0)
+	{
+		/* hide the key's own query parameters whatever their names */
+		Buf			names = {0};
+		const char *key;
+		json_t	   *v;
+		char	   *twice;
+
+		buf_add(&names, "", 0);
+		json_object_foreach(json_object_get(secret, "query"), key, v)
+		{
+			buf_str(&names, key);
+			buf_str(&names, ",");
+		}
+		twice = beat_redact_url(req->url_logged, names.data ? names.data : "");
+		free(names.data);
+		free(req->url_logged);
+		req->url_logged = twice;
+	}
 	json_decref(params);
 	return true;
 
@@ -550,7 +654,7 @@ fail:
 	free(full.data);
 	json_decref(params);
 	beat_request_free(req);
-	req->method = t->method;
+	snprintf(req->method, sizeof(req->method), "%s", t->method);
 	if (*error == NULL)
 		*error = msg("could not build the request");
 	return false;
@@ -559,19 +663,28 @@ fail:
 /*
  * Fill n key templates with the params (JSON text), as they are (a key is
  * not escaped); out[i] are malloc'd.  False with *error on a missing param.
+ * provider and credential, when not NULL, fill {{provider}} and
+ * {{credential}}, over any params of those names.
  */
 bool
 beat_render_keys(char *const *templates, int n, const char *params_text,
+				 const char *provider, const char *credential,
 				 char **out, char **error)
 {
 	json_error_t jerr;
 	json_t	   *params = json_loads(params_text, 0, &jerr);
 
-	if (params == NULL)
+	if (params == NULL || !json_is_object(params))
 	{
-		*error = msg("task params are not JSON: %s", jerr.text);
+		*error = msg("task params are not a JSON object: %s", params ? "" : jerr.text);
+		json_decref(params);
 		return false;
 	}
+	/* {{provider}} and {{credential}} name what serves this call */
+	if (provider)
+		json_object_set_new(params, "provider", json_string(provider));
+	if (credential)
+		json_object_set_new(params, "credential", json_string(credential));
 	for (int i = 0; i < n; i++)
 	{
 		out[i] = render(templates[i], params, NULL, error);

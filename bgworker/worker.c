@@ -65,6 +65,7 @@
 #include "pg_beat.h"
 #include "limiter.h"
 #include "http.h"
+#include "route.h"
 
 /* One task on its way through curl. */
 typedef struct Transfer
@@ -81,6 +82,17 @@ typedef struct Transfer
 	char		errbuf[CURL_ERROR_SIZE];
 	CURLcode	code;
 	char	   *build_error;	/* the request could not be built */
+	char		refused[160];	/* the request was refused: host or address */
+	/* flows that name an operation: who serves this call */
+	char	   *params;			/* the task's params (malloc'd), to call again */
+	int			prov;			/* index into route, or -1: the flow's request */
+	int			cred;			/* index into its creds, or -1: no key */
+	char		prov_name[NAMEDATALEN];	/* prov, by name: reloads move indexes */
+	int64		cred_id;		/* 0: none */
+	bool		pinned;			/* a continuation page: only prov may serve */
+	uint64		tried;			/* providers that failed this attempt */
+	int			hops;			/* calls made before this one in this attempt */
+	json_t	   *all_headers;	/* every response header, for the rules */
 	struct Transfer *next;
 } Transfer;
 
@@ -98,9 +110,12 @@ typedef struct FlowConfig
 	int			nlimits;		/* beat.flow.limits: key templates */
 	char	   *limits[BEAT_MAX_STACKED_KEYS];
 	bool		limits_fixed;	/* no template has a placeholder */
+	bool		is_op;			/* served through the route of operation */
+	char		operation[NAMEDATALEN];
 } FlowConfig;
 
 #define SAFETY_WAKE_MS	30000	/* a wake-up that was lost costs at most this */
+#define MAX_HOPS		16		/* calls one attempt may make across providers */
 #define MAX_EVENTS		64
 
 static BeatWorkerSlot *slot;
@@ -120,6 +135,7 @@ static uint64 stat_done = 0;
 static uint64 stat_failed = 0;
 
 static FlowConfig cfg;
+static Route route;				/* cfg.is_op: the providers of the operation */
 static MemoryContext pass_ctx;	/* reset every pass of the loop */
 static uint32 cfg_generation;
 static bool cfg_loaded = false;
@@ -131,6 +147,9 @@ static SPIPlanPtr plan_record = NULL;
 static SPIPlanPtr plan_log = NULL;
 static SPIPlanPtr plan_hand_back = NULL;
 static SPIPlanPtr plan_limited = NULL;
+static SPIPlanPtr plan_claim_op = NULL;
+static SPIPlanPtr plan_next_page = NULL;
+static SPIPlanPtr plan_credentials = NULL;
 
 /* Free our slot when we exit, however we exit. */
 static void
@@ -232,13 +251,15 @@ header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 	if (n >= 5 && strncmp(buffer, "HTTP/", 5) == 0)
 	{
 		json_object_clear(t->headers);
+		if (t->all_headers)
+			json_object_clear(t->all_headers);
 		return n;
 	}
 	colon = memchr(buffer, ':', n);
 	if (colon == NULL)
 		return n;
 	namelen = colon - buffer;
-	if (!beat_header_kept(buffer, namelen))
+	if (!beat_header_kept(buffer, namelen) && t->all_headers == NULL)
 		return n;
 	value = colon + 1;
 	vlen = n - namelen - 1;
@@ -256,10 +277,12 @@ header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 			for (size_t i = 0; i < namelen; i++)
 				name[i] = pg_ascii_tolower((unsigned char) buffer[i]);
 			name[namelen] = '\0';
-			json_object_set_new(t->headers, name, v);
+			if (t->all_headers)
+				json_object_set(t->all_headers, name, v);
+			if (beat_header_kept(buffer, namelen))
+				json_object_set(t->headers, name, v);
 		}
-		else
-			json_decref(v);
+		json_decref(v);
 	}
 	return n;
 }
@@ -273,8 +296,40 @@ transfer_free(Transfer *t)
 	beat_request_free(&t->req);
 	free(t->body);
 	json_decref(t->headers);
+	json_decref(t->all_headers);
 	free(t->build_error);
+	free(t->params);
 	free(t);
+}
+
+/*
+ * curl: a connection is ready and the request about to go, for the first
+ * URL and every redirect.  Refuse private and loopback addresses unless
+ * beat.allow_private_addresses, and a host outside the provider's list.
+ */
+static int
+prereq_cb(void *clientp, char *ip, char *local_ip, int port, int local_port)
+{
+	Transfer   *t = clientp;
+	char	   *url = NULL;
+	char		host[128];
+
+	if (!beat_allow_private_addresses && beat_address_private(ip))
+	{
+		snprintf(t->refused, sizeof(t->refused),
+				 "address %s is loopback or private (beat.allow_private_addresses is off)", ip);
+		return CURL_PREREQFUNC_ABORT;
+	}
+	if (t->prov >= 0 &&
+		curl_easy_getinfo(t->easy, CURLINFO_EFFECTIVE_URL, &url) == CURLE_OK && url != NULL &&
+		!route_host_allowed(&route.providers[t->prov], url, host, sizeof(host)))
+	{
+		snprintf(t->refused, sizeof(t->refused),
+				 "host %s is not in the allowed hosts of provider \"%s\"", host,
+				 route.providers[t->prov].name);
+		return CURL_PREREQFUNC_ABORT;
+	}
+	return CURL_PREREQFUNC_OK;
 }
 
 /* Read an int[] datum into a status set. */
@@ -320,7 +375,7 @@ load_flow(void)
 				 " array(SELECT coalesce(upper(r), 1000) FROM unnest(ok_statuses) r),"
 				 " array(SELECT coalesce(lower(r), 0) FROM unnest(retry_statuses) r),"
 				 " array(SELECT coalesce(upper(r), 1000) FROM unnest(retry_statuses) r),"
-				 " limits"
+				 " limits, operation"
 				 " FROM beat.flow WHERE name = $1",
 				 1, argtypes);
 	beat_execute(plan_flow, &v, " ", SPI_OK_SELECT);
@@ -336,17 +391,26 @@ load_flow(void)
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
 	request = SPI_getbinval(tup, desc, 5, &isnull);
-	if (isnull)
-		return;					/* no template: the launcher will stop us */
-
-	cfg.tmpl = beat_template_parse(TextDatumGetCString(request), &error);
-	if (cfg.tmpl == NULL)
+	if (!isnull)
 	{
-		ereport(WARNING,
-				(errmsg("pg_beat: flow \"%s\" has an unusable request template: %s",
-						flow_name, error ? error : "?")));
-		free(error);
-		return;
+		cfg.tmpl = beat_template_parse(TextDatumGetCString(request), &error);
+		if (cfg.tmpl == NULL)
+		{
+			ereport(WARNING,
+					(errmsg("pg_beat: flow \"%s\" has an unusable request template: %s",
+							flow_name, error ? error : "?")));
+			free(error);
+			return;
+		}
+	}
+	else
+	{
+		Datum		op = SPI_getbinval(tup, desc, 11, &isnull);
+
+		if (isnull)
+			return;				/* no request, no operation: the launcher stops us */
+		cfg.is_op = true;
+		strlcpy(cfg.operation, TextDatumGetCString(op), NAMEDATALEN);
 	}
 	cfg.exists = true;
 	cfg.paused = DatumGetBool(SPI_getbinval(tup, desc, 1, &isnull));
@@ -373,6 +437,17 @@ load_flow(void)
 		}
 		cfg.nlimits = Min(n, BEAT_MAX_STACKED_KEYS);
 	}
+	if (cfg.is_op)
+	{
+		route_load(&route, cfg.operation);
+		if (route.nproviders == 0)
+			ereport(WARNING,
+					(errmsg("pg_beat: no provider serves operation \"%s\" of flow \"%s\"; its tasks wait",
+							cfg.operation, flow_name),
+					 errhint("Add one with beat.set_route().")));
+	}
+	else
+		route_free(&route);
 }
 
 /* Queue a transfer that failed before it started, to be recorded. */
@@ -394,29 +469,57 @@ fail_unsent(int64 task_id, int attempt, const char *error)
 		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 	t->task_id = task_id;
 	t->attempt = attempt;
-	t->req.method = cfg.tmpl ? cfg.tmpl->method : "GET";
+	t->prov = -1;
+	t->cred = -1;
+	strlcpy(t->req.method, cfg.tmpl ? cfg.tmpl->method : "GET", sizeof(t->req.method));
 	t->build_error = strdup(error);
 	finish_unsent(t);
 }
 
-/* Build and start the transfer for one claimed task. */
-static void
-start_transfer(int64 task_id, int attempt, const char *params)
+/* A new transfer for a claimed task (malloc'd). */
+static Transfer *
+transfer_new(int64 task_id, int attempt, const char *params)
 {
 	Transfer   *t = calloc(1, sizeof(Transfer));
-	char	   *error = NULL;
 
-	if (t == NULL)
+	if (t == NULL || (t->params = strdup(params)) == NULL)
 		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 	t->task_id = task_id;
 	t->attempt = attempt;
+	t->prov = -1;
+	t->cred = -1;
 	t->headers = beat_json_new_object();
+	return t;
+}
 
-	if (!beat_request_build(cfg.tmpl, params, beat_log_redact_params, &t->req, &error))
+/*
+ * Build t's request from tmpl (and the key's secret) and hand it to curl;
+ * a transfer that cannot start is queued to be recorded as failed.
+ */
+static void
+launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
+{
+	char	   *error = NULL;
+
+	if (!beat_request_build(tmpl, t->params, beat_log_redact_params, secret, &t->req, &error))
 	{
 		t->build_error = error;
 		finish_unsent(t);
 		return;
+	}
+	if (t->prov >= 0)
+	{
+		char		host[128];
+
+		if (!route_host_allowed(&route.providers[t->prov], t->req.url, host, sizeof(host)))
+		{
+			/* refused before anything is sent */
+			snprintf(t->refused, sizeof(t->refused),
+					 "host %s is not in the allowed hosts of provider \"%s\"", host,
+					 route.providers[t->prov].name);
+			finish_unsent(t);
+			return;
+		}
 	}
 
 	t->easy = curl_easy_init();
@@ -434,12 +537,14 @@ start_transfer(int64 task_id, int attempt, const char *params)
 	curl_easy_setopt(t->easy, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
 	curl_easy_setopt(t->easy, CURLOPT_FOLLOWLOCATION, cfg.max_redirects > 0 ? 1L : 0L);
 	curl_easy_setopt(t->easy, CURLOPT_MAXREDIRS, (long) cfg.max_redirects);
-	curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, cfg.timeout_ms);
+	curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
 	curl_easy_setopt(t->easy, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) beat_max_response_size);
 	curl_easy_setopt(t->easy, CURLOPT_WRITEFUNCTION, write_cb);
 	curl_easy_setopt(t->easy, CURLOPT_WRITEDATA, t);
 	curl_easy_setopt(t->easy, CURLOPT_HEADERFUNCTION, header_cb);
 	curl_easy_setopt(t->easy, CURLOPT_HEADERDATA, t);
+	curl_easy_setopt(t->easy, CURLOPT_PREREQFUNCTION, prereq_cb);
+	curl_easy_setopt(t->easy, CURLOPT_PREREQDATA, t);
 	curl_easy_setopt(t->easy, CURLOPT_USERAGENT, "pg_beat/" PG_BEAT_VERSION);
 	curl_easy_setopt(t->easy, CURLOPT_ACCEPT_ENCODING, "");
 	if (t->req.headers)
@@ -463,6 +568,65 @@ start_transfer(int64 task_id, int attempt, const char *params)
 	t->next = inflight;
 	inflight = t;
 	n_inflight++;
+}
+
+/* Build and start the transfer for one claimed task of a request flow. */
+static void
+start_transfer(int64 task_id, int attempt, const char *params)
+{
+	launch(transfer_new(task_id, attempt, params), cfg.tmpl, NULL, cfg.timeout_ms);
+}
+
+/* How a call of an operation's task went out, or why it did not. */
+typedef enum DispatchResult
+{
+	DISPATCH_STARTED,			/* a provider and key took it (or it is queued failed) */
+	DISPATCH_WAIT,				/* nothing can serve now: *until, *why */
+	DISPATCH_FAIL				/* it can never be served as it is: *why */
+} DispatchResult;
+
+/*
+ * Choose a provider and key for a call of task t's operation and start it.
+ * t carries the attempt's history (tried, hops, pinned); on anything but
+ * STARTED the caller still owns t.
+ */
+static DispatchResult
+dispatch(Transfer *t, TimestampTz *until, char **why)
+{
+	RouteChoice c;
+	RouteProvider *p;
+	Transfer   *n;
+
+	if (t->pinned && t->prov < 0)
+	{
+		*why = psprintf("the cursor belongs to provider \"%s\", which no longer serves operation \"%s\"",
+						t->prov_name, cfg.operation);
+		return DISPATCH_FAIL;
+	}
+	c = route_choose(&route, t->params, t->pinned ? t->prov : -1, t->tried,
+					 GetCurrentTimestamp());
+	if (c.provider < 0)
+	{
+		*until = c.wait_until;
+		*why = c.why;
+		if (t->pinned)
+			*why = psprintf("the cursor belongs to provider \"%s\": %s", t->prov_name, c.why);
+		return DISPATCH_WAIT;
+	}
+
+	/* a fresh transfer, carrying the attempt's history */
+	n = transfer_new(t->task_id, t->attempt, t->params);
+	p = &route.providers[c.provider];
+	n->prov = c.provider;
+	strlcpy(n->prov_name, p->name, NAMEDATALEN);
+	n->cred = c.cred;
+	n->cred_id = c.cred >= 0 ? p->creds[c.cred].id : 0;
+	n->pinned = t->pinned;
+	n->tried = t->tried;
+	n->hops = t->hops + 1;		/* the claim's seed has -1 */
+	n->all_headers = beat_json_new_object();
+	launch(n, p->tmpl, c.cred >= 0 ? p->creds[c.cred].secret : NULL, p->timeout_ms);
+	return DISPATCH_STARTED;
 }
 
 static Datum make_array(Datum *values, bool *nulls, int n, Oid typid);
@@ -530,11 +694,22 @@ claim_and_start(int n, TimestampTz *next_due)
 		int64		soonest = 0;
 		SPITupleTable *rows;
 
+		Datum	   *refused_why = palloc(sizeof(Datum) * n);
+		bool	   *why_nulls = palloc(sizeof(bool) * n);
+
 		values[2] = Int32GetDatum(n);
-		beat_prepare(&plan_claim,
-					 "SELECT id, attempt, params::text FROM beat.claim($1, $2, $3)",
-					 3, argtypes);
-		beat_execute(plan_claim, values, "   ", SPI_OK_SELECT);
+		if (cfg.is_op)
+			beat_execute(beat_prepare(&plan_claim_op,
+									  "SELECT c.id, c.attempt, c.params::text, t.provider,"
+									  " (c.params ->> 'page') ~ '^[0-9]+$' AND (c.params ->> 'page')::int > 1"
+									  " FROM beat.claim($1, $2, $3) c JOIN beat.task t ON t.id = c.id",
+									  3, argtypes),
+						 values, "   ", SPI_OK_SELECT);
+		else
+			beat_execute(beat_prepare(&plan_claim,
+									  "SELECT id, attempt, params::text FROM beat.claim($1, $2, $3)",
+									  3, argtypes),
+						 values, "   ", SPI_OK_SELECT);
 		claimed = (int) SPI_processed;
 		rows = SPI_tuptable;
 		for (int i = 0; i < claimed; i++)
@@ -551,7 +726,7 @@ claim_and_start(int n, TimestampTz *next_due)
 				char	   *error = NULL;
 				BeatAcquireResult r;
 
-				if (!beat_render_keys(cfg.limits, cfg.nlimits, params, keys, &error))
+				if (!beat_render_keys(cfg.limits, cfg.nlimits, params, NULL, NULL, keys, &error))
 				{
 					fail_unsent(id, attempt, psprintf("limit keys: %s", error));
 					free(error);
@@ -570,33 +745,76 @@ claim_and_start(int n, TimestampTz *next_due)
 				{
 					/* wait exactly retry_after, as a scheduled task: not an attempt */
 					refused_ids[nrefused] = Int64GetDatum(id);
+					why_nulls[nrefused] = true;
 					refused_wait[nrefused++] = Float8GetDatum(r.retry_us / 1000000.0);
 					if (soonest == 0 || r.retry_us < soonest)
 						soonest = r.retry_us;
 					continue;
 				}
 			}
+			if (cfg.is_op)
+			{
+				/* the seed of the attempt: its task, and where a page must go */
+				Transfer   *seed = transfer_new(id, attempt, params);
+				TimestampTz until = 0;
+				char	   *why = NULL;
+				bool		pnull;
+				Datum		pv = SPI_getbinval(tup, desc, 4, &pnull);
+
+				seed->hops = -1;
+				seed->pinned = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull)) && !pnull;
+				if (!pnull)
+				{
+					strlcpy(seed->prov_name, TextDatumGetCString(pv), NAMEDATALEN);
+					seed->prov = route_find(&route, seed->prov_name);
+				}
+				switch (dispatch(seed, &until, &why))
+				{
+					case DISPATCH_STARTED:
+						break;
+					case DISPATCH_WAIT:
+						{
+							int64		wait_us = until > 0 ?
+								Max(until - GetCurrentTimestamp(), 0) : 60 * USECS_PER_SEC;
+
+							refused_ids[nrefused] = Int64GetDatum(id);
+							refused_why[nrefused] = CStringGetTextDatum(why);
+							why_nulls[nrefused] = false;
+							refused_wait[nrefused++] = Float8GetDatum(wait_us / 1000000.0);
+							if (soonest == 0 || wait_us < soonest)
+								soonest = wait_us;
+						}
+						break;
+					case DISPATCH_FAIL:
+						fail_unsent(id, attempt, why);
+						break;
+				}
+				transfer_free(seed);
+				continue;
+			}
 			start_transfer(id, attempt, params);
 		}
 
 		if (nrefused > 0)
 		{
-			Oid			types[3] = {INT8ARRAYOID, FLOAT8ARRAYOID, TEXTOID};
-			Datum		args[3];
+			Oid			types[4] = {INT8ARRAYOID, FLOAT8ARRAYOID, TEXTOID, TEXTARRAYOID};
+			Datum		args[4];
 
 			args[0] = make_array(refused_ids, NULL, nrefused, INT8OID);
 			args[1] = make_array(refused_wait, NULL, nrefused, FLOAT8OID);
 			args[2] = values[1];
+			args[3] = make_array(refused_why, why_nulls, nrefused, TEXTOID);
 			beat_prepare(&plan_limited,
 						 "UPDATE beat.task t SET state = 'scheduled',"
 						 " run_at = statement_timestamp() + make_interval(secs => r.wait),"
 						 " attempts = greatest(t.attempts - 1, 0),"
+						 " last_error = coalesce(r.why, t.last_error),"
 						 " lease_owner = NULL, lease_expires_at = NULL,"
 						 " updated_at = statement_timestamp()"
-						 " FROM unnest($1, $2) AS r(id, wait)"
+						 " FROM unnest($1, $2, $4) AS r(id, wait, why)"
 						 " WHERE t.id = r.id AND t.state = 'running' AND t.lease_owner = $3",
-						 3, types);
-			beat_execute(plan_limited, args, "   ", SPI_OK_UPDATE);
+						 4, types);
+			beat_execute(plan_limited, args, "    ", SPI_OK_UPDATE);
 			*next_due = GetCurrentTimestamp() + soonest;
 		}
 	}
@@ -747,32 +965,288 @@ make_array(Datum *values, bool *nulls, int n, Oid typid)
 											  typlen, typbyval, typalign));
 }
 
+/* What became of one finished transfer: its log row, and its task's fate. */
+typedef struct Judged
+{
+	Transfer   *t;
+	const char *log_outcome;	/* beat.http_log.outcome */
+	const char *task_outcome;	/* ok, retry, permanent, wait; NULL: task goes on */
+	char	   *error;
+	Datum		result;
+	bool		result_null;
+	double		wait_s;			/* retry: the provider's wait; wait: the wait */
+	bool		wait_null;
+	long		status;
+	char	   *cursor;			/* ok, with a next page */
+	int			page;
+	bool		auth_failed;	/* the key was disabled for it */
+} Judged;
+
+/* The result jsonb of a response, body as it came or as a string. */
+static void
+result_of(Transfer *t, long status, double total_ms, Judged *j)
+{
+	char	   *json = beat_result_json(status, t->headers, t->body, t->len, total_ms, true);
+
+	j->result_null = true;
+	if (json != NULL)
+	{
+		j->result = jsonb_or_null(json, &j->result_null);
+		free(json);
+	}
+	if (j->result_null)
+	{
+		json = beat_result_json(status, t->headers, t->body, t->len, total_ms, false);
+		if (json != NULL)
+		{
+			j->result = jsonb_or_null(json, &j->result_null);
+			free(json);
+		}
+	}
+}
+
+/* The page number of a task's params (1 when absent). */
+static int
+page_of(const char *params)
+{
+	json_t	   *p = json_loads(params, 0, NULL);
+	json_t	   *v = json_object_get(p, "page");
+	int			page = json_is_integer(v) ? (int) json_integer_value(v) :
+		json_is_string(v) ? atoi(json_string_value(v)) : 1;
+
+	json_decref(p);
+	return Max(page, 1);
+}
+
 /*
- * Record every finished transfer in one transaction: the task's new state
- * and result, and a row of beat.http_log each.  A task whose lease we lost
- * (reaped or cancelled meanwhile) is left alone and logged as 'lost'.
+ * Call t's task again through the route after t's answer (rate limited,
+ * auth failed, or a transient failure that falls back).  The same attempt
+ * goes on; j says what became of the task if nothing can take it now.
+ */
+static void
+call_again(Judged *j, BeatVerdict v)
+{
+	Transfer   *t = j->t;
+	TimestampTz until = 0;
+	char	   *why = NULL;
+
+	if (v == VERDICT_TRANSIENT)
+	{
+		if (t->pinned || t->prov < 0)
+		{
+			j->task_outcome = "retry";
+			return;
+		}
+		t->tried |= UINT64CONST(1) << t->prov;
+	}
+	if (t->hops + 1 >= MAX_HOPS)
+	{
+		j->task_outcome = "retry";
+		j->error = psprintf("%s; gave up after %d calls in one attempt", j->error, MAX_HOPS);
+		return;
+	}
+	if (ShutdownRequestPending || beat_shared->launcher_generation != my_generation)
+	{
+		/* stopping: the task goes back without counting the attempt */
+		j->task_outcome = "wait";
+		j->wait_s = 0;
+		j->wait_null = false;
+		return;
+	}
+	switch (dispatch(t, &until, &why))
+	{
+		case DISPATCH_STARTED:
+			if (v == VERDICT_TRANSIENT)
+			{
+				j->log_outcome = "fallback";
+				beat_provider_count_fallback(t->prov_name);
+			}
+			return;				/* the task goes on in another transfer */
+		case DISPATCH_WAIT:
+			if (v == VERDICT_TRANSIENT)
+			{
+				/* every provider failed or is out: the attempt failed */
+				j->task_outcome = "retry";
+				j->error = psprintf("%s; no other provider could serve: %s", j->error, why);
+				return;
+			}
+			j->task_outcome = "wait";
+			j->wait_s = until > 0 ?
+				Max(until - GetCurrentTimestamp(), 0) / 1000000.0 : 60.0;
+			j->wait_null = false;
+			j->error = psprintf("%s; waiting: %s", j->error, why);
+			return;
+		case DISPATCH_FAIL:
+			j->task_outcome = "permanent";
+			j->error = why;
+			return;
+	}
+}
+
+/*
+ * Judge a transfer of an operation's task by its provider's rules, act on
+ * the verdict (rests, breaker, calling again) and fill j.
+ */
+static void
+judge_provider(Judged *j, long status, curl_off_t retry_after, double total_ms)
+{
+	Transfer   *t = j->t;
+	RouteProvider *p = t->prov >= 0 ? &route.providers[t->prov] : NULL;
+	TimestampTz now = GetCurrentTimestamp();
+	BeatVerdict v;
+	int64		wait_us = 0;
+	char	   *why = NULL;
+
+	if (p == NULL)
+	{
+		/* the provider left the route while we called it: try again later */
+		j->log_outcome = "retry";
+		j->task_outcome = "retry";
+		j->error = psprintf("provider \"%s\" no longer serves operation \"%s\"",
+							t->prov_name, cfg.operation);
+		return;
+	}
+	if (t->code == CURLE_OK)
+	{
+		route_scrub(t->cred >= 0 ? &p->creds[t->cred] : NULL, t->body, t->len);
+		result_of(t, status, total_ms, j);
+		v = route_classify(p, status, j->result_null ? (Datum) 0 : j->result,
+						   t->all_headers, retry_after > 0 ? retry_after : 0, &wait_us, &why);
+		j->error = psprintf("%s from provider \"%s\"", why, p->name);
+	}
+	else
+	{
+		BeatOutcome o = beat_classify_curl(t->code);
+
+		v = o == BEAT_OUTCOME_RETRY ? VERDICT_TRANSIENT : VERDICT_PERMANENT;
+		j->error = psprintf("%s%s%s (provider \"%s\")", curl_easy_strerror(t->code),
+							t->errbuf[0] ? ": " : "", t->errbuf, p->name);
+	}
+
+	switch (v)
+	{
+		case VERDICT_OK:
+			beat_breaker_report(p->name, &p->breaker, true, NULL, now);
+			if (t->cred_id)
+				beat_credential_ok(t->cred_id);
+			j->log_outcome = "ok";
+			j->task_outcome = "ok";
+			j->error = NULL;
+			if ((p->cursor_path || p->cursor_link) && !j->result_null)
+			{
+				j->page = page_of(t->params) + 1;
+				if (j->page <= p->max_pages)
+					j->cursor = route_cursor(p, j->result, t->all_headers);
+			}
+			return;
+		case VERDICT_RATE_LIMITED:
+			{
+				TimestampTz rest = 0;
+				int			streak = 0;
+
+				/* not the provider failing: the breaker does not count it */
+				beat_breaker_report(p->name, &p->breaker, true, NULL, now);
+				if (t->cred_id)
+					(void) beat_credential_limited(p->name, p->cred_ids, Max(p->ncreds, 0),
+												   t->cred_id, wait_us, p->rest_base_us,
+												   p->rest_cap_us, now, &rest, &streak);
+				else
+					(void) beat_credential_limited(p->name, NULL, 0, 0, wait_us,
+												   p->rest_base_us, p->rest_cap_us, now,
+												   &rest, &streak);
+				j->log_outcome = "rate_limited";
+				call_again(j, v);
+				return;
+			}
+		case VERDICT_AUTH_FAILED:
+			beat_breaker_report(p->name, &p->breaker, true, NULL, now);
+			j->log_outcome = "auth_failed";
+			if (t->cred_id)
+			{
+				beat_credential_auth_failed(t->cred_id);
+				j->auth_failed = true;
+				ereport(LOG,
+						(errmsg("pg_beat: credential " INT64_FORMAT " of provider \"%s\" disabled: %s",
+								t->cred_id, p->name, j->error),
+						 errhint("Put it back with beat.enable_credential(" INT64_FORMAT ").",
+								 t->cred_id)));
+				call_again(j, v);
+			}
+			else
+				j->task_outcome = "permanent";
+			return;
+		case VERDICT_TRANSIENT:
+			beat_breaker_report(p->name, &p->breaker, false, j->error, now);
+			if (t->cred_id)
+				beat_credential_ok(t->cred_id);
+			j->log_outcome = "retry";
+			if (retry_after > 0)
+			{
+				j->wait_s = (double) retry_after;
+				j->wait_null = false;
+			}
+			call_again(j, v);
+			return;
+		case VERDICT_PERMANENT:
+			beat_breaker_report(p->name, &p->breaker, true, NULL, now);
+			j->log_outcome = "permanent";
+			j->task_outcome = "permanent";
+			return;
+	}
+}
+
+/* Judge a transfer of a request flow by its ok and retry statuses. */
+static void
+judge_request(Judged *j, long status, curl_off_t retry_after, double total_ms)
+{
+	Transfer   *t = j->t;
+	BeatOutcome outcome;
+
+	if (t->code == CURLE_OK)
+	{
+		if (beat_status_in(&cfg.ok, status))
+			outcome = BEAT_OUTCOME_OK;
+		else if (beat_status_in(&cfg.retry, status))
+			outcome = BEAT_OUTCOME_RETRY;
+		else
+			outcome = BEAT_OUTCOME_PERMANENT;
+		if (outcome != BEAT_OUTCOME_OK)
+			j->error = psprintf("HTTP %ld", status);
+		if (outcome == BEAT_OUTCOME_RETRY && retry_after > 0)
+		{
+			j->wait_s = (double) retry_after;
+			j->wait_null = false;
+		}
+		result_of(t, status, total_ms, j);
+	}
+	else
+	{
+		outcome = beat_classify_curl(t->code);
+		j->error = psprintf("%s%s%s", curl_easy_strerror(t->code),
+							t->errbuf[0] ? ": " : "", t->errbuf);
+	}
+	j->log_outcome = j->task_outcome = outcome == BEAT_OUTCOME_OK ? "ok" :
+		outcome == BEAT_OUTCOME_RETRY ? "retry" : "permanent";
+}
+
+/*
+ * Record every finished transfer in one transaction: a row of
+ * beat.http_log each, and for each task whose attempt ended, its new state
+ * and result.  A transfer of an operation's task that was rate limited, hit
+ * a disabled key or failed over to the next provider starts the next call
+ * here and leaves its task running.  A task whose lease we lost (reaped or
+ * cancelled meanwhile) is left alone and logged as 'lost'.  A page with a
+ * cursor enqueues the next page, on the same provider; the keys' uses and
+ * states are written to beat.credential.
  */
 static void
 record_finished(void)
 {
+	Transfer   *list = finished;
 	int			n = n_finished;
-	Datum	   *ids = palloc(sizeof(Datum) * n);
-	Datum	   *attempts = palloc(sizeof(Datum) * n);
-	Datum	   *outcomes = palloc(sizeof(Datum) * n);
-	Datum	   *results = palloc(sizeof(Datum) * n);
-	Datum	   *errors = palloc(sizeof(Datum) * n);
-	Datum	   *retry = palloc(sizeof(Datum) * n);
-	Datum	   *methods = palloc(sizeof(Datum) * n);
-	Datum	   *urls = palloc(sizeof(Datum) * n);
-	Datum	   *statuses = palloc(sizeof(Datum) * n);
-	Datum	   *bytes = palloc(sizeof(Datum) * n);
+	Judged	   *js = palloc0(sizeof(Judged) * n);
 	Datum	   *timings[5];
-	bool	   *result_nulls = palloc0(sizeof(bool) * n);
-	bool	   *error_nulls = palloc0(sizeof(bool) * n);
-	bool	   *retry_nulls = palloc0(sizeof(bool) * n);
-	bool	   *status_nulls = palloc0(sizeof(bool) * n);
 	bool	   *timing_nulls[5];
-	bool	   *lost = palloc0(sizeof(bool) * n);
 	static const CURLINFO timing_info[5] = {
 		CURLINFO_NAMELOOKUP_TIME_T, CURLINFO_CONNECT_TIME_T,
 		CURLINFO_APPCONNECT_TIME_T, CURLINFO_STARTTRANSFER_TIME_T,
@@ -780,9 +1254,13 @@ record_finished(void)
 	};
 	Transfer   *t;
 	int			i;
-	int64	   *updated;
+	int			nfinal = 0;
 	uint64		done_before = stat_done;
+	bool		woke = false;
 
+	/* what calling again queues now is for the next pass */
+	finished = NULL;
+	n_finished = 0;
 	for (int k = 0; k < 5; k++)
 	{
 		timings[k] = palloc(sizeof(Datum) * n);
@@ -793,182 +1271,370 @@ record_finished(void)
 	StartTransactionCommand();
 	pgstat_report_activity(STATE_RUNNING, "pg_beat: record results");
 
-	/* judge each transfer; the jsonb conversions run before SPI */
-	for (t = finished, i = 0; t != NULL; t = t->next, i++)
+	/* judge each transfer; the jsonb work runs before SPI */
+	for (t = list, i = 0; t != NULL; t = t->next, i++)
 	{
+		Judged	   *j = &js[i];
 		long		status = 0;
-		BeatOutcome outcome;
-		char	   *error = NULL;
 		curl_off_t	retry_after = -1;
 		double		total_ms = 0;
 
-		ids[i] = Int64GetDatum(t->task_id);
-		attempts[i] = Int32GetDatum(t->attempt);
-		methods[i] = CStringGetTextDatum(t->req.method ? t->req.method : "GET");
-		urls[i] = CStringGetTextDatum(t->req.url_logged ? t->req.url_logged : "");
-		bytes[i] = Int64GetDatum((int64) t->len);
+		j->t = t;
+		j->result_null = true;
+		j->wait_null = true;
 		for (int k = 0; k < 5; k++)
 			timings[k][i] = timing_ms(t->easy, timing_info[k], &timing_nulls[k][i]);
-		result_nulls[i] = true;
-		retry_nulls[i] = true;
+		if (!timing_nulls[4][i])
+			total_ms = DatumGetFloat8(timings[4][i]);
+		if (t->easy && t->code == CURLE_OK)
+		{
+			curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+			if (curl_easy_getinfo(t->easy, CURLINFO_RETRY_AFTER, &retry_after) != CURLE_OK)
+				retry_after = -1;
+		}
+		j->status = status;
 
 		if (t->build_error)
 		{
-			outcome = BEAT_OUTCOME_PERMANENT;
-			error = psprintf("request not sent: %s", t->build_error);
+			j->log_outcome = j->task_outcome = "permanent";
+			j->error = psprintf("request not sent: %s", t->build_error);
 		}
-		else if (t->code == CURLE_OK)
+		else if (t->refused[0])
 		{
-			curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
-			if (beat_status_in(&cfg.ok, status))
-				outcome = BEAT_OUTCOME_OK;
-			else if (beat_status_in(&cfg.retry, status))
-				outcome = BEAT_OUTCOME_RETRY;
-			else
-				outcome = BEAT_OUTCOME_PERMANENT;
-			if (outcome != BEAT_OUTCOME_OK)
-				error = psprintf("HTTP %ld", status);
-			if (outcome == BEAT_OUTCOME_RETRY &&
-				curl_easy_getinfo(t->easy, CURLINFO_RETRY_AFTER, &retry_after) == CURLE_OK &&
-				retry_after > 0)
-			{
-				retry[i] = Float8GetDatum((double) retry_after);
-				retry_nulls[i] = false;
-			}
-			if (!timing_nulls[4][i])
-				total_ms = DatumGetFloat8(timings[4][i]);
-			{
-				/* the body as it came; if jsonb refuses it, as a string */
-				char	   *json = beat_result_json(status, t->headers, t->body, t->len,
-													total_ms, true);
-
-				if (json != NULL)
-				{
-					results[i] = jsonb_or_null(json, &result_nulls[i]);
-					free(json);
-				}
-				if (result_nulls[i])
-				{
-					json = beat_result_json(status, t->headers, t->body, t->len,
-											total_ms, false);
-					if (json != NULL)
-					{
-						results[i] = jsonb_or_null(json, &result_nulls[i]);
-						free(json);
-					}
-				}
-			}
+			j->log_outcome = "refused";
+			j->task_outcome = "permanent";
+			j->error = psprintf("request refused: %s", t->refused);
 		}
-		else if (t->too_large || t->code == CURLE_FILESIZE_EXCEEDED)
+		else if (t->code != CURLE_OK && (t->too_large || t->code == CURLE_FILESIZE_EXCEEDED))
 		{
-			outcome = BEAT_OUTCOME_PERMANENT;
-			error = psprintf("response larger than beat.max_response_size (%d bytes)",
-							 beat_max_response_size);
+			j->log_outcome = j->task_outcome = "permanent";
+			j->error = psprintf("response larger than beat.max_response_size (%d bytes)",
+								beat_max_response_size);
 		}
 		else if (t->code == CURLE_TOO_MANY_REDIRECTS)
 		{
-			outcome = BEAT_OUTCOME_PERMANENT;
-			error = psprintf("more than %d redirects", cfg.max_redirects);
+			j->log_outcome = j->task_outcome = "permanent";
+			j->error = psprintf("more than %d redirects", cfg.max_redirects);
 		}
+		else if (t->prov_name[0] != '\0')
+			judge_provider(j, status, retry_after, total_ms);
 		else
-		{
-			outcome = beat_classify_curl(t->code);
-			error = psprintf("%s%s%s", curl_easy_strerror(t->code),
-							 t->errbuf[0] ? ": " : "", t->errbuf);
-		}
-
-		if (status > 0)
-			statuses[i] = Int32GetDatum((int32) status);
-		else
-			status_nulls[i] = true;
-		outcomes[i] = CStringGetTextDatum(outcome == BEAT_OUTCOME_OK ? "ok" :
-										  outcome == BEAT_OUTCOME_RETRY ? "retry" :
-										  "permanent");
-		if (error)
-			errors[i] = CStringGetTextDatum(error);
-		else
-			error_nulls[i] = true;
+			judge_request(j, status, retry_after, total_ms);
+		if (j->task_outcome)
+			nfinal++;
 	}
 
 	beat_spi_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
+	if (nfinal > 0)
 	{
-		Oid			argtypes[6] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID,
-		TEXTARRAYOID, FLOAT8ARRAYOID, TEXTOID};
-		Datum		values[6];
+		Oid			argtypes[8] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID,
+			TEXTARRAYOID, FLOAT8ARRAYOID, TEXTOID, TEXTARRAYOID, INT8ARRAYOID};
+		Datum		values[8];
+		Datum	   *ids = palloc(sizeof(Datum) * nfinal);
+		Datum	   *outcomes = palloc(sizeof(Datum) * nfinal);
+		Datum	   *results = palloc(sizeof(Datum) * nfinal);
+		Datum	   *errors = palloc(sizeof(Datum) * nfinal);
+		Datum	   *waits = palloc(sizeof(Datum) * nfinal);
+		Datum	   *provs = palloc(sizeof(Datum) * nfinal);
+		Datum	   *creds = palloc(sizeof(Datum) * nfinal);
+		bool	   *result_nulls = palloc(sizeof(bool) * nfinal);
+		bool	   *error_nulls = palloc(sizeof(bool) * nfinal);
+		bool	   *wait_nulls = palloc(sizeof(bool) * nfinal);
+		bool	   *prov_nulls = palloc(sizeof(bool) * nfinal);
+		bool	   *cred_nulls = palloc(sizeof(bool) * nfinal);
+		int64	   *updated;
 		uint64		nupdated;
 		bool		isnull;
+		int			f = 0;
 
-		values[0] = make_array(ids, NULL, n, INT8OID);
-		values[1] = make_array(outcomes, NULL, n, TEXTOID);
-		values[2] = make_array(results, result_nulls, n, JSONBOID);
-		values[3] = make_array(errors, error_nulls, n, TEXTOID);
-		values[4] = make_array(retry, retry_nulls, n, FLOAT8OID);
+		for (i = 0; i < n; i++)
+		{
+			Judged	   *j = &js[i];
+
+			if (!j->task_outcome)
+				continue;
+			ids[f] = Int64GetDatum(j->t->task_id);
+			outcomes[f] = CStringGetTextDatum(j->task_outcome);
+			results[f] = j->result;
+			result_nulls[f] = j->result_null;
+			errors[f] = j->error ? CStringGetTextDatum(j->error) : (Datum) 0;
+			error_nulls[f] = j->error == NULL;
+			waits[f] = Float8GetDatum(j->wait_s);
+			wait_nulls[f] = j->wait_null;
+			provs[f] = j->t->prov_name[0] ? CStringGetTextDatum(j->t->prov_name) : (Datum) 0;
+			prov_nulls[f] = j->t->prov_name[0] == '\0';
+			creds[f] = Int64GetDatum(j->t->cred_id);
+			cred_nulls[f] = j->t->cred_id == 0;
+			f++;
+		}
+		values[0] = make_array(ids, NULL, nfinal, INT8OID);
+		values[1] = make_array(outcomes, NULL, nfinal, TEXTOID);
+		values[2] = make_array(results, result_nulls, nfinal, JSONBOID);
+		values[3] = make_array(errors, error_nulls, nfinal, TEXTOID);
+		values[4] = make_array(waits, wait_nulls, nfinal, FLOAT8OID);
 		values[5] = CStringGetTextDatum(worker_name);
+		values[6] = make_array(provs, prov_nulls, nfinal, TEXTOID);
+		values[7] = make_array(creds, cred_nulls, nfinal, INT8OID);
 
+		/*
+		 * ok: succeeded.  wait: back to scheduled after the wait, the
+		 * attempt not counted (nothing could serve it).  retry: failed and
+		 * due after the backoff, or dead when out of attempts.  permanent:
+		 * dead.
+		 */
 		beat_prepare(&plan_record,
 					 "UPDATE beat.task t SET"
 					 " state = CASE WHEN r.outcome = 'ok' THEN 'succeeded'::beat.task_state"
+					 "   WHEN r.outcome = 'wait' THEN 'scheduled'::beat.task_state"
 					 "   WHEN r.outcome = 'permanent' OR t.attempts >= t.max_attempts"
 					 "   THEN 'dead'::beat.task_state ELSE 'failed'::beat.task_state END,"
-					 " result = r.result,"
+					 " attempts = CASE WHEN r.outcome = 'wait' THEN greatest(t.attempts - 1, 0)"
+					 "   ELSE t.attempts END,"
+					 " result = CASE WHEN r.outcome = 'wait' THEN t.result ELSE r.result END,"
 					 " last_error = CASE WHEN r.outcome = 'ok' THEN t.last_error ELSE r.error END,"
-					 " run_at = CASE WHEN r.outcome = 'retry' AND t.attempts < t.max_attempts"
+					 " run_at = CASE WHEN r.outcome = 'wait'"
+					 "   THEN statement_timestamp() + make_interval(secs => r.wait)"
+					 "   WHEN r.outcome = 'retry' AND t.attempts < t.max_attempts"
 					 "   THEN statement_timestamp() + "
-					 BACKOFF_SQL("make_interval(secs => r.retry_after)")
+					 BACKOFF_SQL("make_interval(secs => r.wait)")
 					 "   ELSE t.run_at END,"
-					 " finished_at = CASE WHEN r.outcome = 'retry' AND t.attempts < t.max_attempts"
+					 " finished_at = CASE WHEN r.outcome = 'wait'"
+					 "   OR (r.outcome = 'retry' AND t.attempts < t.max_attempts)"
 					 "   THEN NULL ELSE statement_timestamp() END,"
+					 " provider = coalesce(r.provider, t.provider),"
+					 " credential_id = coalesce(r.credential_id, t.credential_id),"
 					 " lease_owner = NULL, lease_expires_at = NULL,"
 					 " updated_at = statement_timestamp()"
-					 " FROM unnest($1, $2, $3, $4, $5) AS r(id, outcome, result, error, retry_after),"
+					 " FROM unnest($1, $2, $3, $4, $5, $7, $8)"
+					 "   AS r(id, outcome, result, error, wait, provider, credential_id),"
 					 "   beat.flow f"
 					 " WHERE t.id = r.id AND f.name = t.flow AND t.state = 'running'"
 					 "   AND t.lease_owner = $6"
-					 " RETURNING t.id, t.state = 'succeeded'",
-					 6, argtypes);
-		beat_execute(plan_record, values, "      ", SPI_OK_UPDATE_RETURNING);
+					 " RETURNING t.id, t.state::text",
+					 8, argtypes);
+		beat_execute(plan_record, values, "        ", SPI_OK_UPDATE_RETURNING);
 
 		/* what was not updated had lost its lease (ids are unique here) */
 		nupdated = SPI_processed;
 		updated = palloc(sizeof(int64) * Max(nupdated, 1));
 		for (uint64 r = 0; r < nupdated; r++)
 		{
+			char	   *state = TextDatumGetCString(SPI_getbinval(SPI_tuptable->vals[r],
+																   SPI_tuptable->tupdesc, 2,
+																   &isnull));
+
 			updated[r] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r],
 													 SPI_tuptable->tupdesc, 1, &isnull));
-			if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[r],
-										   SPI_tuptable->tupdesc, 2, &isnull)))
+			if (strcmp(state, "succeeded") == 0)
 				stat_done++;
-			else
+			else if (strcmp(state, "scheduled") != 0)
 				stat_failed++;
+			else
+				woke = true;
 		}
 
 		/*
-		 * Failed, or retried later: a retry's run_at must be seen by whoever
-		 * sleeps until the next due task (us too), so wake the flow's
-		 * workers at commit; they reread it.
+		 * Failed, waiting, or retried later: a run_at must be seen by
+		 * whoever sleeps until the next due task (us too), so wake the
+		 * flow's workers at commit; they reread it.
 		 */
-		if (nupdated > (uint64) (stat_done - done_before))
+		if (woke || nupdated > (uint64) (stat_done - done_before))
 			beat_wake_at_commit(flow_name);
 
 		qsort(updated, nupdated, sizeof(int64), beat_cmp_int64);
 		for (i = 0; i < n; i++)
 		{
-			int64		id = DatumGetInt64(ids[i]);
+			int64		id = js[i].t->task_id;
 
-			lost[i] = bsearch(&id, updated, nupdated, sizeof(int64), beat_cmp_int64) == NULL;
+			if (js[i].task_outcome &&
+				bsearch(&id, updated, nupdated, sizeof(int64), beat_cmp_int64) == NULL)
+			{
+				js[i].log_outcome = "lost";
+				js[i].cursor = NULL;
+			}
 		}
-		for (i = 0; i < n; i++)
-			if (lost[i])
-				outcomes[i] = CStringGetTextDatum("lost");
 	}
+
+	/* the next page of each page that has one, on the same provider */
 	{
-		Oid			argtypes[15] = {TEXTOID, TEXTOID, INT8ARRAYOID, INT4ARRAYOID,
+		int			npages = 0;
+		Datum	   *pids = palloc(sizeof(Datum) * n);
+		Datum	   *pprov = palloc(sizeof(Datum) * n);
+		Datum	   *pparam = palloc(sizeof(Datum) * n);
+		Datum	   *pcursor = palloc(sizeof(Datum) * n);
+		Datum	   *ppage = palloc(sizeof(Datum) * n);
+
+		for (i = 0; i < n; i++)
+		{
+			Judged	   *j = &js[i];
+
+			if (j->cursor == NULL || j->t->prov < 0)
+				continue;
+			pids[npages] = Int64GetDatum(j->t->task_id);
+			pprov[npages] = CStringGetTextDatum(j->t->prov_name);
+			pparam[npages] = CStringGetTextDatum(route.providers[j->t->prov].cursor_param);
+			pcursor[npages] = CStringGetTextDatum(j->cursor);
+			ppage[npages++] = Int32GetDatum(j->page);
+		}
+		if (npages > 0)
+		{
+			Oid			types[5] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+			TEXTARRAYOID, INT4ARRAYOID};
+			Datum		args[5];
+
+			args[0] = make_array(pids, NULL, npages, INT8OID);
+			args[1] = make_array(pprov, NULL, npages, TEXTOID);
+			args[2] = make_array(pparam, NULL, npages, TEXTOID);
+			args[3] = make_array(pcursor, NULL, npages, TEXTOID);
+			args[4] = make_array(ppage, NULL, npages, INT4OID);
+			beat_prepare(&plan_next_page,
+						 "INSERT INTO beat.task (flow, priority, max_attempts, idempotency_key,"
+						 " params, correlation_id, provider)"
+						 " SELECT p.flow, p.priority, p.max_attempts, 'beat:page:' || p.id,"
+						 "   p.params || jsonb_build_object(n.param, n.cursor, 'page', n.page),"
+						 "   p.correlation_id, n.provider"
+						 " FROM unnest($1, $2, $3, $4, $5) AS n(id, provider, param, cursor, page)"
+						 " JOIN beat.task p ON p.id = n.id"
+						 " ON CONFLICT (flow, idempotency_key) WHERE idempotency_key IS NOT NULL"
+						 "   AND state IN ('pending', 'scheduled', 'running', 'failed')"
+						 " DO NOTHING",
+						 5, types);
+			beat_execute(plan_next_page, args, "     ", SPI_OK_INSERT);
+			beat_wake_at_commit(flow_name);
+		}
+	}
+
+	/* the keys' uses and states, in beat.credential (locked in id order) */
+	{
+		int			nc = 0;
+		Datum	   *cid = palloc(sizeof(Datum) * n);
+		Datum	   *cuses = palloc(sizeof(Datum) * n);
+		Datum	   *cstatus = palloc(sizeof(Datum) * n);
+		bool	   *cstatus_null = palloc(sizeof(bool) * n);
+		Datum	   *cstreak = palloc(sizeof(Datum) * n);
+		Datum	   *crest = palloc(sizeof(Datum) * n);
+		Datum	   *cauth = palloc(sizeof(Datum) * n);
+		Datum	   *creason = palloc(sizeof(Datum) * n);
+		bool	   *creason_null = palloc(sizeof(bool) * n);
+		TimestampTz now = GetCurrentTimestamp();
+
+		for (i = 0; i < n; i++)
+		{
+			Judged	   *j = &js[i];
+			int			k;
+
+			if (j->t->cred_id == 0 || (j->t->easy == NULL && !j->t->refused[0]))
+				continue;
+			for (k = 0; k < nc; k++)
+				if (DatumGetInt64(cid[k]) == j->t->cred_id)
+					break;
+			if (k == nc)
+			{
+				cid[k] = Int64GetDatum(j->t->cred_id);
+				cuses[k] = Int32GetDatum(0);
+				cstatus_null[k] = true;
+				cauth[k] = BoolGetDatum(false);
+				creason_null[k] = true;
+				nc++;
+			}
+			cuses[k] = Int32GetDatum(DatumGetInt32(cuses[k]) + 1);
+			if (j->status > 0)
+			{
+				cstatus[k] = Int32GetDatum((int32) j->status);
+				cstatus_null[k] = false;
+			}
+			if (j->auth_failed)
+			{
+				cauth[k] = BoolGetDatum(true);
+				creason[k] = CStringGetTextDatum(j->error ? j->error : "auth failed");
+				creason_null[k] = false;
+			}
+		}
+		for (int k = 0; k < nc; k++)
+		{
+			TimestampTz rest;
+			int			streak;
+			bool		auth;
+
+			beat_credential_get(DatumGetInt64(cid[k]), &rest, &streak, &auth);
+			cstreak[k] = Int32GetDatum(streak);
+			crest[k] = Float8GetDatum(rest > now ? (rest - now) / 1000000.0 : 0);
+		}
+		if (nc > 0)
+		{
+			Oid			types[7] = {INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
+			FLOAT8ARRAYOID, BOOLARRAYOID, TEXTARRAYOID};
+			Datum		args[7];
+
+			args[0] = make_array(cid, NULL, nc, INT8OID);
+			args[1] = make_array(cuses, NULL, nc, INT4OID);
+			args[2] = make_array(cstatus, cstatus_null, nc, INT4OID);
+			args[3] = make_array(cstreak, NULL, nc, INT4OID);
+			args[4] = make_array(crest, NULL, nc, FLOAT8OID);
+			args[5] = make_array(cauth, NULL, nc, BOOLOID);
+			args[6] = make_array(creason, creason_null, nc, TEXTOID);
+			beat_prepare(&plan_credentials,
+						 "UPDATE beat.credential c SET uses = c.uses + u.n,"
+						 " last_used_at = statement_timestamp(),"
+						 " last_status = coalesce(u.status, c.last_status),"
+						 " failure_streak = u.streak,"
+						 " disabled_until = CASE WHEN u.rest > 0"
+						 "   THEN statement_timestamp() + make_interval(secs => u.rest) END,"
+						 " enabled = c.enabled AND NOT u.auth,"
+						 " disabled_reason = CASE WHEN u.auth AND c.enabled THEN u.reason"
+						 "   ELSE c.disabled_reason END"
+						 " FROM unnest($1, $2, $3, $4, $5, $6, $7)"
+						 "   AS u(id, n, status, streak, rest, auth, reason)"
+						 " WHERE c.id = u.id AND c.id IN (SELECT l.id FROM beat.credential l"
+						 "   WHERE l.id = ANY ($1) ORDER BY l.id FOR NO KEY UPDATE)",
+						 7, types);
+			beat_execute(plan_credentials, args, "       ", SPI_OK_UPDATE);
+		}
+	}
+
+	/* a row of beat.http_log per transfer that was made or refused */
+	{
+		Oid			argtypes[17] = {TEXTOID, TEXTOID, INT8ARRAYOID, INT4ARRAYOID,
 			TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
 			FLOAT8ARRAYOID, FLOAT8ARRAYOID, FLOAT8ARRAYOID, FLOAT8ARRAYOID,
-		FLOAT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
-		Datum		values[15];
+			FLOAT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
+		Datum		values[17];
+		Datum	   *ids = palloc(sizeof(Datum) * n);
+		Datum	   *attempts = palloc(sizeof(Datum) * n);
+		Datum	   *methods = palloc(sizeof(Datum) * n);
+		Datum	   *urls = palloc(sizeof(Datum) * n);
+		Datum	   *statuses = palloc(sizeof(Datum) * n);
+		bool	   *status_nulls = palloc(sizeof(bool) * n);
+		Datum	   *bytes = palloc(sizeof(Datum) * n);
+		Datum	   *outcomes = palloc(sizeof(Datum) * n);
+		Datum	   *errors = palloc(sizeof(Datum) * n);
+		bool	   *error_nulls = palloc(sizeof(bool) * n);
+		Datum	   *provs = palloc(sizeof(Datum) * n);
+		bool	   *prov_nulls = palloc(sizeof(bool) * n);
+		Datum	   *creds = palloc(sizeof(Datum) * n);
+		bool	   *cred_nulls = palloc(sizeof(bool) * n);
 
+		for (i = 0; i < n; i++)
+		{
+			Judged	   *j = &js[i];
+
+			t = j->t;
+			ids[i] = Int64GetDatum(t->task_id);
+			attempts[i] = Int32GetDatum(t->attempt);
+			methods[i] = CStringGetTextDatum(t->req.method[0] ? t->req.method : "GET");
+			urls[i] = CStringGetTextDatum(t->req.url_logged ? t->req.url_logged : "");
+			statuses[i] = Int32GetDatum((int32) j->status);
+			status_nulls[i] = j->status <= 0;
+			bytes[i] = Int64GetDatum((int64) t->len);
+			outcomes[i] = CStringGetTextDatum(j->log_outcome);
+			errors[i] = j->error ? CStringGetTextDatum(j->error) : (Datum) 0;
+			error_nulls[i] = j->error == NULL;
+			provs[i] = t->prov_name[0] ? CStringGetTextDatum(t->prov_name) : (Datum) 0;
+			prov_nulls[i] = t->prov_name[0] == '\0';
+			creds[i] = Int64GetDatum(t->cred_id);
+			cred_nulls[i] = t->cred_id == 0;
+		}
 		values[0] = CStringGetTextDatum(flow_name);
 		values[1] = CStringGetTextDatum(worker_name);
 		values[2] = make_array(ids, NULL, n, INT8OID);
@@ -981,18 +1647,22 @@ record_finished(void)
 			values[8 + k] = make_array(timings[k], timing_nulls[k], n, FLOAT8OID);
 		values[13] = make_array(outcomes, NULL, n, TEXTOID);
 		values[14] = make_array(errors, error_nulls, n, TEXTOID);
+		values[15] = make_array(provs, prov_nulls, n, TEXTOID);
+		values[16] = make_array(creds, cred_nulls, n, INT8OID);
 
 		beat_prepare(&plan_log,
 					 "INSERT INTO beat.http_log (task_id, flow, attempt, worker, method, url,"
 					 " status, bytes, dns_ms, connect_ms, tls_ms, first_byte_ms, total_ms,"
-					 " outcome, error)"
+					 " outcome, error, provider, credential_id)"
 					 " SELECT l.task_id, $1, l.attempt, $2, l.method, l.url, l.status, l.bytes,"
-					 "   l.dns, l.conn, l.tls, l.fb, l.total, l.outcome, l.error"
-					 " FROM unnest($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+					 "   l.dns, l.conn, l.tls, l.fb, l.total, l.outcome, l.error, l.provider,"
+					 "   l.credential_id"
+					 " FROM unnest($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,"
+					 "   $16, $17)"
 					 "   AS l(task_id, attempt, method, url, status, bytes, dns, conn, tls, fb,"
-					 "        total, outcome, error)",
-					 15, argtypes);
-		beat_execute(plan_log, values, "               ", SPI_OK_INSERT);
+					 "        total, outcome, error, provider, credential_id)",
+					 17, argtypes);
+		beat_execute(plan_log, values, "                 ", SPI_OK_INSERT);
 	}
 	PopActiveSnapshot();
 	beat_spi_finish();
@@ -1001,13 +1671,12 @@ record_finished(void)
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 
-	while (finished)
+	while (list)
 	{
-		t = finished;
-		finished = t->next;
+		t = list;
+		list = t->next;
 		transfer_free(t);
 	}
-	n_finished = 0;
 }
 
 /*
@@ -1061,6 +1730,23 @@ hand_back_inflight(void)
 	MemoryContextSwitchTo(pass_ctx);
 }
 
+/* Find each transfer's provider and key again in a reloaded route. */
+static void
+resolve_transfers(Transfer *list)
+{
+	for (Transfer *t = list; t != NULL; t = t->next)
+	{
+		if (t->prov_name[0] == '\0')
+			continue;
+		t->prov = route_find(&route, t->prov_name);
+		t->cred = -1;
+		if (t->prov >= 0)
+			for (int k = 0; k < route.providers[t->prov].ncreds; k++)
+				if (route.providers[t->prov].creds[k].id == t->cred_id)
+					t->cred = k;
+	}
+}
+
 /* Reread our flow in a transaction of its own. */
 static void
 reload_flow(void)
@@ -1074,6 +1760,8 @@ reload_flow(void)
 	beat_spi_finish();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(pass_ctx);
+	resolve_transfers(inflight);
+	resolve_transfers(finished);
 }
 
 /* Milliseconds from now until ts, at least 0. */

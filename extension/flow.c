@@ -35,7 +35,7 @@ PG_FUNCTION_INFO_V1(beat_pause);
 PG_FUNCTION_INFO_V1(beat_resume);
 PG_FUNCTION_INFO_V1(beat_flow_changed);
 
-#define FLOW_NARGS 16
+#define FLOW_NARGS 17
 
 /*
  * Is setting argument i given?  A server may run this library with the
@@ -48,6 +48,7 @@ static SPIPlanPtr plan_flow_insert = NULL;
 static SPIPlanPtr plan_flow_update = NULL;
 static SPIPlanPtr plan_flow_update_v1 = NULL;
 static SPIPlanPtr plan_flow_update_v2 = NULL;
+static SPIPlanPtr plan_flow_update_v3 = NULL;
 static SPIPlanPtr plan_flow_backoff = NULL;
 static SPIPlanPtr plan_check_request = NULL;
 static SPIPlanPtr plan_flow_pause = NULL;
@@ -140,6 +141,31 @@ check_flow_settings(FunctionCallInfo fcinfo)
 						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 						 errmsg("limits must not contain nulls")));
 			(void) beat_check_name(DatumGetTextPP(elems[i]), "a limit key");
+		}
+	}
+	if (ARG_GIVEN(16))
+	{
+		char	   *op = text_to_cstring(PG_GETARG_TEXT_PP(16));
+		size_t		len = strlen(op);
+
+		if (ARG_GIVEN(10))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("a flow has a request or an operation, not both"),
+					 errhint("A request is one fixed call; an operation is served by the providers of its route (beat.route).")));
+		if (len == 0 || len > 63)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_NAME),
+					 errmsg("operation name must have 1 to 63 characters")));
+		for (size_t i = 0; i < len; i++)
+		{
+			char		c = op[i];
+
+			if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+				  (i > 0 && (c == '_' || c == '.' || c == '-'))))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_NAME),
+						 errmsg("invalid operation name \"%s\"", op)));
 		}
 	}
 }
@@ -238,6 +264,15 @@ check_backoff(FunctionCallInfo fcinfo)
 	" max_redirects = coalesce($15, max_redirects),"
 #define FLOW_SET_V3 FLOW_SET_V2 \
 	" limits = coalesce($16, limits),"
+/* a request replaces an operation and the other way round */
+#define FLOW_SET_V4 FLOW_SET_V1 \
+	" request = CASE WHEN $17 IS NOT NULL THEN NULL ELSE coalesce($11, request) END," \
+	" timeout = coalesce($12, timeout)," \
+	" ok_statuses = coalesce($13, ok_statuses)," \
+	" retry_statuses = coalesce($14, retry_statuses)," \
+	" max_redirects = coalesce($15, max_redirects)," \
+	" limits = coalesce($16, limits)," \
+	" operation = CASE WHEN $11 IS NOT NULL THEN NULL ELSE coalesce($17, operation) END,"
 #define FLOW_WHERE " updated_at = now() WHERE name = $1 RETURNING *"
 
 /*
@@ -251,7 +286,8 @@ update_flow(FunctionCallInfo fcinfo, bool *found)
 {
 	Oid			argtypes[FLOW_NARGS] = {TEXTOID, INT4OID, INTERVALOID, INTERVALOID,
 		INTERVALOID, INT4OID, INTERVALOID, INT4OID, INT4OID, BOOLOID,
-	JSONBOID, INTERVALOID, INT4MULTIRANGEOID, INT4MULTIRANGEOID, INT4OID, TEXTARRAYOID};
+	JSONBOID, INTERVALOID, INT4MULTIRANGEOID, INT4MULTIRANGEOID, INT4OID, TEXTARRAYOID,
+	TEXTOID};
 	Datum		values[FLOW_NARGS];
 	char		nulls[FLOW_NARGS + 1];
 	HeapTuple	tup;
@@ -271,8 +307,10 @@ update_flow(FunctionCallInfo fcinfo, bool *found)
 		plan = beat_prepare(&plan_flow_update_v1, FLOW_SET_V1 FLOW_WHERE, 10, argtypes);
 	else if (PG_NARGS() <= 15)
 		plan = beat_prepare(&plan_flow_update_v2, FLOW_SET_V2 FLOW_WHERE, 15, argtypes);
+	else if (PG_NARGS() <= 16)
+		plan = beat_prepare(&plan_flow_update_v3, FLOW_SET_V3 FLOW_WHERE, 16, argtypes);
 	else
-		plan = beat_prepare(&plan_flow_update, FLOW_SET_V3 FLOW_WHERE, FLOW_NARGS,
+		plan = beat_prepare(&plan_flow_update, FLOW_SET_V4 FLOW_WHERE, FLOW_NARGS,
 							argtypes);
 	if (ARG_GIVEN(2) || ARG_GIVEN(3))
 		check_backoff(fcinfo);

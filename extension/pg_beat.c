@@ -34,6 +34,7 @@
 
 #include "pg_beat.h"
 #include "limiter.h"
+#include "provider.h"
 
 PG_MODULE_MAGIC;
 
@@ -46,6 +47,7 @@ int			beat_http_log_retention = 86400;
 int			beat_reaper_interval = 1000;
 int			beat_shutdown_grace = 2000;
 char	   *beat_log_redact_params = NULL;
+bool		beat_allow_private_addresses = false;
 
 BeatShared *beat_shared = NULL;
 
@@ -166,6 +168,24 @@ _PG_init(void)
 							   0,
 							   NULL, NULL, NULL);
 
+	DefineCustomIntVariable("beat.max_credentials",
+							"Most provider credentials whose state shared memory keeps.",
+							"A credential beyond it is used without rests or auth-failure memory between workers.",
+							&beat_max_credentials,
+							1000, 16, 1000000,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("beat.allow_private_addresses",
+							 "Let the workers connect to loopback, private and link-local addresses.",
+							 "Off by default, so a URL cannot reach the database host or its network; tests and the demo turn it on.",
+							 &beat_allow_private_addresses,
+							 false,
+							 PGC_SIGHUP,
+							 GUC_SUPERUSER_ONLY,
+							 NULL, NULL, NULL);
+
 	beat_limiter_init();
 
 	MarkGUCPrefixReserved("beat");
@@ -200,6 +220,7 @@ beat_shmem_request(void)
 	RequestAddinShmemSpace(beat_limiter_shmem_size());
 	RequestNamedLWLockTranche("pg_beat", 1);
 	beat_limiter_shmem_request();
+	beat_provider_shmem_request();
 }
 
 /* Allocate or attach to the shared state. */
@@ -240,6 +261,7 @@ beat_shmem_startup(void)
 		}
 	}
 	beat_limiter_shmem_startup();
+	beat_provider_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 

@@ -93,6 +93,7 @@ extern int	beat_http_log_retention;
 extern int	beat_reaper_interval;
 extern int	beat_shutdown_grace;
 extern char *beat_log_redact_params;
+extern bool beat_allow_private_addresses;
 
 /* pg_beat.c: wake the workers of flow (NULL: all flows) when this commits */
 extern void beat_wake_at_commit(const char *flow);

@@ -36,6 +36,7 @@ $node->append_conf(
     'postgresql.conf', q{
 shared_preload_libraries = 'pg_beat'
 beat.database_name = 'postgres'
+beat.allow_private_addresses = on
 max_worker_processes = 32
 beat.reaper_interval = '200ms'
 # small, so that size=50000 is over it (the echo answers are < 2 kB)

@@ -48,6 +48,7 @@ $node->append_conf(
     'postgresql.conf', q{
 shared_preload_libraries = 'pg_beat'
 beat.database_name = 'postgres'
+beat.allow_private_addresses = on
 max_worker_processes = 32
 beat.reaper_interval = '200ms'
 # a stopping worker hands back at once what it has in flight
