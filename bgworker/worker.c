@@ -150,6 +150,7 @@ static SPIPlanPtr plan_limited = NULL;
 static SPIPlanPtr plan_claim_op = NULL;
 static SPIPlanPtr plan_next_page = NULL;
 static SPIPlanPtr plan_credentials = NULL;
+static SPIPlanPtr plan_disable_key = NULL;
 
 /* Free our slot when we exit, however we exit. */
 static void
@@ -318,6 +319,14 @@ prereq_cb(void *clientp, char *ip, char *local_ip, int port, int local_port)
 	{
 		snprintf(t->refused, sizeof(t->refused),
 				 "address %s is loopback or private (beat.allow_private_addresses is off)", ip);
+		return CURL_PREREQFUNC_ABORT;
+	}
+	if (t->prov < 0 && t->prov_name[0] != '\0')
+	{
+		/* the provider left the route meanwhile: its allowlist is gone */
+		snprintf(t->refused, sizeof(t->refused),
+				 "provider \"%s\" no longer serves operation \"%s\"", t->prov_name,
+				 cfg.operation);
 		return CURL_PREREQFUNC_ABORT;
 	}
 	if (t->prov >= 0 &&
@@ -701,7 +710,7 @@ claim_and_start(int n, TimestampTz *next_due)
 		if (cfg.is_op)
 			beat_execute(beat_prepare(&plan_claim_op,
 									  "SELECT c.id, c.attempt, c.params::text, t.provider,"
-									  " (c.params ->> 'page') ~ '^[0-9]+$' AND (c.params ->> 'page')::int > 1"
+									  " (c.params ->> 'page') ~ '^[0-9]{1,9}$' AND (c.params ->> 'page')::int > 1"
 									  " FROM beat.claim($1, $2, $3) c JOIN beat.task t ON t.id = c.id",
 									  3, argtypes),
 						 values, "   ", SPI_OK_SELECT);
@@ -1084,6 +1093,49 @@ call_again(Judged *j, BeatVerdict v)
 }
 
 /*
+ * The kept response headers go into the result too: overwrite a key's
+ * secret strings in them, and hide secret query parameters in the URLs of
+ * Link and Location (which often repeat the request's query).
+ */
+static void
+scrub_headers(Transfer *t, const RouteCred *c)
+{
+	const char *name;
+	json_t	   *v;
+	void	   *tmp;
+
+	json_object_foreach_safe(t->headers, tmp, name, v)
+	{
+		char	   *copy;
+
+		if (!json_is_string(v) || (copy = strdup(json_string_value(v))) == NULL)
+			continue;
+		route_scrub(c, copy, strlen(copy));
+		if (strcmp(name, "link") == 0 || strcmp(name, "location") == 0)
+		{
+			char	   *hidden = beat_redact_url(copy, beat_log_redact_params);
+
+			free(copy);
+			copy = hidden;
+			if (c != NULL && json_object_get(c->secret, "query"))
+			{
+				const char *qn;
+				json_t	   *qv;
+
+				json_object_foreach(json_object_get(c->secret, "query"), qn, qv)
+				{
+					hidden = beat_redact_url(copy, qn);
+					free(copy);
+					copy = hidden;
+				}
+			}
+		}
+		json_object_set_new(t->headers, name, json_string(copy));
+		free(copy);
+	}
+}
+
+/*
  * Judge a transfer of an operation's task by its provider's rules, act on
  * the verdict (rests, breaker, calling again) and fill j.
  */
@@ -1109,6 +1161,7 @@ judge_provider(Judged *j, long status, curl_off_t retry_after, double total_ms)
 	if (t->code == CURLE_OK)
 	{
 		route_scrub(t->cred >= 0 ? &p->creds[t->cred] : NULL, t->body, t->len);
+		scrub_headers(t, t->cred >= 0 ? &p->creds[t->cred] : NULL);
 		result_of(t, status, total_ms, j);
 		v = route_classify(p, status, j->result_null ? (Datum) 0 : j->result,
 						   t->all_headers, retry_after > 0 ? retry_after : 0, &wait_us, &why);
@@ -1188,7 +1241,8 @@ judge_provider(Judged *j, long status, curl_off_t retry_after, double total_ms)
 			call_again(j, v);
 			return;
 		case VERDICT_PERMANENT:
-			beat_breaker_report(p->name, &p->breaker, true, NULL, now);
+			/* a network failure (a bad certificate, say) is the provider's */
+			beat_breaker_report(p->name, &p->breaker, t->code == CURLE_OK, j->error, now);
 			j->log_outcome = "permanent";
 			j->task_outcome = "permanent";
 			return;
@@ -1580,16 +1634,30 @@ record_finished(void)
 						 " last_status = coalesce(u.status, c.last_status),"
 						 " failure_streak = u.streak,"
 						 " disabled_until = CASE WHEN u.rest > 0"
-						 "   THEN statement_timestamp() + make_interval(secs => u.rest) END,"
-						 " enabled = c.enabled AND NOT u.auth,"
-						 " disabled_reason = CASE WHEN u.auth AND c.enabled THEN u.reason"
-						 "   ELSE c.disabled_reason END"
+						 "   THEN statement_timestamp() + make_interval(secs => u.rest) END"
 						 " FROM unnest($1, $2, $3, $4, $5, $6, $7)"
 						 "   AS u(id, n, status, streak, rest, auth, reason)"
 						 " WHERE c.id = u.id AND c.id IN (SELECT l.id FROM beat.credential l"
 						 "   WHERE l.id = ANY ($1) ORDER BY l.id FOR NO KEY UPDATE)",
 						 7, types);
 			beat_execute(plan_credentials, args, "       ", SPI_OK_UPDATE);
+
+			/*
+			 * Only a key that failed auth changes a setting (enabled): that
+			 * alone fires credential_changed and makes every worker reload.
+			 */
+			for (int k = 0; k < nc; k++)
+				if (DatumGetBool(cauth[k]))
+				{
+					Oid			dtypes[2] = {INT8OID, TEXTOID};
+					Datum		dargs[2] = {cid[k], creason[k]};
+
+					beat_prepare(&plan_disable_key,
+								 "UPDATE beat.credential SET enabled = false, disabled_reason = $2"
+								 " WHERE id = $1 AND enabled",
+								 2, dtypes);
+					beat_execute(plan_disable_key, dargs, "  ", SPI_OK_UPDATE);
+				}
 		}
 	}
 
