@@ -157,10 +157,16 @@ jstr(json_t *o, const char *key)
 	return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
-/* Free what a loaded route holds outside its memory context. */
+/*
+ * Let go of a route snapshot: the worker holds its current one, and each
+ * transfer the one it was chosen from, so a reload never frees what a
+ * transfer in flight still reads (its template, keys, rules, hosts).
+ */
 void
-route_free(Route *route)
+route_release(Route *route)
 {
+	if (route == NULL || --route->refcount > 0)
+		return;
 	for (int i = 0; i < route->nproviders; i++)
 	{
 		RouteProvider *p = &route->providers[i];
@@ -169,9 +175,7 @@ route_free(Route *route)
 		for (int k = 0; k < p->ncreds; k++)
 			json_decref(p->creds[k].secret);
 	}
-	route->nproviders = 0;
-	if (route->cxt)
-		MemoryContextReset(route->cxt);
+	MemoryContextDelete(route->cxt);
 }
 
 /* Read one provider's rules (JSON text of an array, checked by set_provider). */
@@ -276,25 +280,28 @@ load_creds(RouteProvider *p, const char *text, TimestampTz now)
 /*
  * Load the route of operation: its providers by rank, each with the
  * operation's template, limits, rules and enabled keys.  Inside SPI.
+ * Returns a new snapshot, held once by the caller (route_release).
  */
-void
-route_load(Route *route, const char *operation)
+Route *
+route_load(const char *operation)
 {
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		arg = CStringGetTextDatum(operation);
 	MemoryContext old;
+	MemoryContext cxt;
 	TimestampTz now = GetCurrentTimestamp();
+	Route	   *route;
 
-	route_free(route);
-	if (route->cxt == NULL)
-		route->cxt = AllocSetContextCreate(TopMemoryContext, "pg_beat route",
-										   ALLOCSET_SMALL_SIZES);
 	if (empty_vars == (Datum) 0)
 	{
 		old = MemoryContextSwitchTo(TopMemoryContext);
 		empty_vars = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
 		MemoryContextSwitchTo(old);
 	}
+	cxt = AllocSetContextCreate(TopMemoryContext, "pg_beat route", ALLOCSET_SMALL_SIZES);
+	route = MemoryContextAllocZero(cxt, sizeof(Route));
+	route->cxt = cxt;
+	route->refcount = 1;
 
 	beat_prepare(&plan_route,
 				 "SELECT p.name, r.rank, r.weight, p.base_url, (p.operations -> $1)::text,"
@@ -411,6 +418,7 @@ route_load(Route *route, const char *operation)
 		route->nproviders++;
 	}
 	MemoryContextSwitchTo(old);
+	return route;
 }
 
 /* The index of the provider called name in the route, or -1. */

@@ -80,7 +80,8 @@ typedef struct RouteProvider
 
 typedef struct Route
 {
-	MemoryContext cxt;			/* holds the Datums; reset at each load */
+	MemoryContext cxt;			/* holds this struct and its Datums */
+	int			refcount;		/* the worker's current route, and transfers */
 	int			nproviders;
 	RouteProvider providers[ROUTE_MAX_PROVIDERS];	/* by rank */
 } Route;
@@ -94,8 +95,8 @@ typedef struct RouteChoice
 	char	   *why;			/* -1 choice: palloc'd reason */
 } RouteChoice;
 
-extern void route_load(Route *route, const char *operation);
-extern void route_free(Route *route);
+extern Route *route_load(const char *operation);
+extern void route_release(Route *route);
 extern int	route_find(const Route *route, const char *name);
 extern RouteChoice route_choose(Route *route, const char *params, int pinned,
 								uint64 tried, TimestampTz now);

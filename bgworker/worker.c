@@ -85,12 +85,11 @@ typedef struct Transfer
 	char		refused[160];	/* the request was refused: host or address */
 	/* flows that name an operation: who serves this call */
 	char	   *params;			/* the task's params (malloc'd), to call again */
+	Route	   *route;			/* the snapshot prov was chosen from (held), or NULL */
 	int			prov;			/* index into route, or -1: the flow's request */
 	int			cred;			/* index into its creds, or -1: no key */
-	char		prov_name[NAMEDATALEN];	/* prov, by name: reloads move indexes */
-	int64		cred_id;		/* 0: none */
 	bool		pinned;			/* a continuation page: only prov may serve */
-	uint64		tried;			/* providers that failed this attempt */
+	uint64		tried;			/* route's providers that failed this attempt */
 	int			hops;			/* calls made before this one in this attempt */
 	json_t	   *all_headers;	/* every response header, for the rules */
 	struct Transfer *next;
@@ -135,7 +134,7 @@ static uint64 stat_done = 0;
 static uint64 stat_failed = 0;
 
 static FlowConfig cfg;
-static Route route;				/* cfg.is_op: the providers of the operation */
+static Route *route = NULL;		/* cfg.is_op: the providers of the operation */
 static MemoryContext pass_ctx;	/* reset every pass of the loop */
 static uint32 cfg_generation;
 static bool cfg_loaded = false;
@@ -300,7 +299,32 @@ transfer_free(Transfer *t)
 	json_decref(t->all_headers);
 	free(t->build_error);
 	free(t->params);
+	route_release(t->route);
 	free(t);
+}
+
+/* The provider that serves transfer t, or NULL for a request flow's. */
+static RouteProvider *
+provider_of(const Transfer *t)
+{
+	return t->route && t->prov >= 0 ? &t->route->providers[t->prov] : NULL;
+}
+
+/* The key t uses, or NULL. */
+static RouteCred *
+cred_of(const Transfer *t)
+{
+	RouteProvider *p = provider_of(t);
+
+	return p && t->cred >= 0 ? &p->creds[t->cred] : NULL;
+}
+
+static int64
+cred_id_of(const Transfer *t)
+{
+	RouteCred  *c = cred_of(t);
+
+	return c ? c->id : 0;
 }
 
 /*
@@ -321,21 +345,13 @@ prereq_cb(void *clientp, char *ip, char *local_ip, int port, int local_port)
 				 "address %s is loopback or private (beat.allow_private_addresses is off)", ip);
 		return CURL_PREREQFUNC_ABORT;
 	}
-	if (t->prov < 0 && t->prov_name[0] != '\0')
-	{
-		/* the provider left the route meanwhile: its allowlist is gone */
-		snprintf(t->refused, sizeof(t->refused),
-				 "provider \"%s\" no longer serves operation \"%s\"", t->prov_name,
-				 cfg.operation);
-		return CURL_PREREQFUNC_ABORT;
-	}
-	if (t->prov >= 0 &&
+	if (provider_of(t) &&
 		curl_easy_getinfo(t->easy, CURLINFO_EFFECTIVE_URL, &url) == CURLE_OK && url != NULL &&
-		!route_host_allowed(&route.providers[t->prov], url, host, sizeof(host)))
+		!route_host_allowed(provider_of(t), url, host, sizeof(host)))
 	{
 		snprintf(t->refused, sizeof(t->refused),
 				 "host %s is not in the allowed hosts of provider \"%s\"", host,
-				 route.providers[t->prov].name);
+				 provider_of(t)->name);
 		return CURL_PREREQFUNC_ABORT;
 	}
 	return CURL_PREREQFUNC_OK;
@@ -446,17 +462,17 @@ load_flow(void)
 		}
 		cfg.nlimits = Min(n, BEAT_MAX_STACKED_KEYS);
 	}
+	route_release(route);
+	route = NULL;
 	if (cfg.is_op)
 	{
-		route_load(&route, cfg.operation);
-		if (route.nproviders == 0)
+		route = route_load(cfg.operation);
+		if (route->nproviders == 0)
 			ereport(WARNING,
 					(errmsg("pg_beat: no provider serves operation \"%s\" of flow \"%s\"; its tasks wait",
 							cfg.operation, flow_name),
 					 errhint("Add one with beat.set_route().")));
 	}
-	else
-		route_free(&route);
 }
 
 /* Queue a transfer that failed before it started, to be recorded. */
@@ -516,16 +532,16 @@ launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 		finish_unsent(t);
 		return;
 	}
-	if (t->prov >= 0)
+	if (provider_of(t))
 	{
 		char		host[128];
 
-		if (!route_host_allowed(&route.providers[t->prov], t->req.url, host, sizeof(host)))
+		if (!route_host_allowed(provider_of(t), t->req.url, host, sizeof(host)))
 		{
-			/* refused before anything is sent */
+			/* refused before anything is connected to */
 			snprintf(t->refused, sizeof(t->refused),
 					 "host %s is not in the allowed hosts of provider \"%s\"", host,
-					 route.providers[t->prov].name);
+					 provider_of(t)->name);
 			finish_unsent(t);
 			return;
 		}
@@ -595,45 +611,68 @@ typedef enum DispatchResult
 } DispatchResult;
 
 /*
- * Choose a provider and key for a call of task t's operation and start it.
- * t carries the attempt's history (tried, hops, pinned); on anything but
- * STARTED the caller still owns t.
+ * The providers of t's attempt that failed, as indexes into the current
+ * route (t's mask is over the snapshot t was chosen from).
+ */
+static uint64
+tried_now(const Transfer *t)
+{
+	uint64		mask = 0;
+
+	if (t->route == NULL || t->route == route)
+		return t->tried;
+	for (int i = 0; i < t->route->nproviders; i++)
+		if (t->tried & (UINT64CONST(1) << i))
+		{
+			int			j = route_find(route, t->route->providers[i].name);
+
+			if (j >= 0)
+				mask |= UINT64CONST(1) << j;
+		}
+	return mask;
+}
+
+/*
+ * Choose a provider and key for the next call of t's task and start it.
+ * t carries the attempt's history (tried, hops); pinned names the only
+ * provider that may serve (a continuation page), or is NULL.  On anything
+ * but STARTED the caller still owns t.
  */
 static DispatchResult
-dispatch(Transfer *t, TimestampTz *until, char **why)
+dispatch(Transfer *t, const char *pinned, TimestampTz *until, char **why)
 {
 	RouteChoice c;
 	RouteProvider *p;
 	Transfer   *n;
+	int			pin = -1;
+	uint64		tried = tried_now(t);
 
-	if (t->pinned && t->prov < 0)
+	if (pinned && (pin = route_find(route, pinned)) < 0)
 	{
 		*why = psprintf("the cursor belongs to provider \"%s\", which no longer serves operation \"%s\"",
-						t->prov_name, cfg.operation);
+						pinned, cfg.operation);
 		return DISPATCH_FAIL;
 	}
-	c = route_choose(&route, t->params, t->pinned ? t->prov : -1, t->tried,
-					 GetCurrentTimestamp());
+	c = route_choose(route, t->params, pin, tried, GetCurrentTimestamp());
 	if (c.provider < 0)
 	{
 		*until = c.wait_until;
-		*why = c.why;
-		if (t->pinned)
-			*why = psprintf("the cursor belongs to provider \"%s\": %s", t->prov_name, c.why);
+		*why = pinned ? psprintf("the cursor belongs to provider \"%s\": %s", pinned, c.why) :
+			c.why;
 		return DISPATCH_WAIT;
 	}
 
 	/* a fresh transfer, carrying the attempt's history */
 	n = transfer_new(t->task_id, t->attempt, t->params);
-	p = &route.providers[c.provider];
+	n->route = route;
+	route->refcount++;
 	n->prov = c.provider;
-	strlcpy(n->prov_name, p->name, NAMEDATALEN);
 	n->cred = c.cred;
-	n->cred_id = c.cred >= 0 ? p->creds[c.cred].id : 0;
-	n->pinned = t->pinned;
-	n->tried = t->tried;
+	n->pinned = pinned != NULL;
+	n->tried = tried;
 	n->hops = t->hops + 1;		/* the claim's seed has -1 */
 	n->all_headers = beat_json_new_object();
+	p = provider_of(n);
 	launch(n, p->tmpl, c.cred >= 0 ? p->creds[c.cred].secret : NULL, p->timeout_ms);
 	return DISPATCH_STARTED;
 }
@@ -769,15 +808,11 @@ claim_and_start(int n, TimestampTz *next_due)
 				char	   *why = NULL;
 				bool		pnull;
 				Datum		pv = SPI_getbinval(tup, desc, 4, &pnull);
+				bool		page = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
 
 				seed->hops = -1;
-				seed->pinned = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull)) && !pnull;
-				if (!pnull)
-				{
-					strlcpy(seed->prov_name, TextDatumGetCString(pv), NAMEDATALEN);
-					seed->prov = route_find(&route, seed->prov_name);
-				}
-				switch (dispatch(seed, &until, &why))
+				switch (dispatch(seed, page && !pnull ? TextDatumGetCString(pv) : NULL,
+								 &until, &why))
 				{
 					case DISPATCH_STARTED:
 						break;
@@ -1041,7 +1076,7 @@ call_again(Judged *j, BeatVerdict v)
 
 	if (v == VERDICT_TRANSIENT)
 	{
-		if (t->pinned || t->prov < 0)
+		if (t->pinned)
 		{
 			j->task_outcome = "retry";
 			return;
@@ -1062,13 +1097,13 @@ call_again(Judged *j, BeatVerdict v)
 		j->wait_null = false;
 		return;
 	}
-	switch (dispatch(t, &until, &why))
+	switch (dispatch(t, t->pinned ? provider_of(t)->name : NULL, &until, &why))
 	{
 		case DISPATCH_STARTED:
 			if (v == VERDICT_TRANSIENT)
 			{
 				j->log_outcome = "fallback";
-				beat_provider_count_fallback(t->prov_name);
+				beat_provider_count_fallback(provider_of(t)->name);
 			}
 			return;				/* the task goes on in another transfer */
 		case DISPATCH_WAIT:
@@ -1143,25 +1178,17 @@ static void
 judge_provider(Judged *j, long status, curl_off_t retry_after, double total_ms)
 {
 	Transfer   *t = j->t;
-	RouteProvider *p = t->prov >= 0 ? &route.providers[t->prov] : NULL;
+	RouteProvider *p = provider_of(t);
+	int64		cred_id = cred_id_of(t);
 	TimestampTz now = GetCurrentTimestamp();
 	BeatVerdict v;
 	int64		wait_us = 0;
 	char	   *why = NULL;
 
-	if (p == NULL)
-	{
-		/* the provider left the route while we called it: try again later */
-		j->log_outcome = "retry";
-		j->task_outcome = "retry";
-		j->error = psprintf("provider \"%s\" no longer serves operation \"%s\"",
-							t->prov_name, cfg.operation);
-		return;
-	}
 	if (t->code == CURLE_OK)
 	{
-		route_scrub(t->cred >= 0 ? &p->creds[t->cred] : NULL, t->body, t->len);
-		scrub_headers(t, t->cred >= 0 ? &p->creds[t->cred] : NULL);
+		route_scrub(cred_of(t), t->body, t->len);
+		scrub_headers(t, cred_of(t));
 		result_of(t, status, total_ms, j);
 		v = route_classify(p, status, j->result_null ? (Datum) 0 : j->result,
 						   t->all_headers, retry_after > 0 ? retry_after : 0, &wait_us, &why);
@@ -1180,8 +1207,8 @@ judge_provider(Judged *j, long status, curl_off_t retry_after, double total_ms)
 	{
 		case VERDICT_OK:
 			beat_breaker_report(p->name, &p->breaker, true, NULL, now);
-			if (t->cred_id)
-				beat_credential_ok(t->cred_id);
+			if (cred_id)
+				beat_credential_ok(cred_id);
 			j->log_outcome = "ok";
 			j->task_outcome = "ok";
 			j->error = NULL;
@@ -1199,14 +1226,9 @@ judge_provider(Judged *j, long status, curl_off_t retry_after, double total_ms)
 
 				/* not the provider failing: the breaker does not count it */
 				beat_breaker_report(p->name, &p->breaker, true, NULL, now);
-				if (t->cred_id)
-					(void) beat_credential_limited(p->name, p->cred_ids, Max(p->ncreds, 0),
-												   t->cred_id, wait_us, p->rest_base_us,
-												   p->rest_cap_us, now, &rest, &streak);
-				else
-					(void) beat_credential_limited(p->name, NULL, 0, 0, wait_us,
-												   p->rest_base_us, p->rest_cap_us, now,
-												   &rest, &streak);
+				(void) beat_credential_limited(p->name, p->cred_ids, Max(p->ncreds, 0),
+											   cred_id, wait_us, p->rest_base_us,
+											   p->rest_cap_us, now, &rest, &streak);
 				j->log_outcome = "rate_limited";
 				call_again(j, v);
 				return;
@@ -1214,15 +1236,15 @@ judge_provider(Judged *j, long status, curl_off_t retry_after, double total_ms)
 		case VERDICT_AUTH_FAILED:
 			beat_breaker_report(p->name, &p->breaker, true, NULL, now);
 			j->log_outcome = "auth_failed";
-			if (t->cred_id)
+			if (cred_id)
 			{
-				beat_credential_auth_failed(t->cred_id);
+				beat_credential_auth_failed(cred_id);
 				j->auth_failed = true;
 				ereport(LOG,
 						(errmsg("pg_beat: credential " INT64_FORMAT " of provider \"%s\" disabled: %s",
-								t->cred_id, p->name, j->error),
+								cred_id, p->name, j->error),
 						 errhint("Put it back with beat.enable_credential(" INT64_FORMAT ").",
-								 t->cred_id)));
+								 cred_id)));
 				call_again(j, v);
 			}
 			else
@@ -1230,8 +1252,8 @@ judge_provider(Judged *j, long status, curl_off_t retry_after, double total_ms)
 			return;
 		case VERDICT_TRANSIENT:
 			beat_breaker_report(p->name, &p->breaker, false, j->error, now);
-			if (t->cred_id)
-				beat_credential_ok(t->cred_id);
+			if (cred_id)
+				beat_credential_ok(cred_id);
 			j->log_outcome = "retry";
 			if (retry_after > 0)
 			{
@@ -1370,7 +1392,7 @@ record_finished(void)
 			j->log_outcome = j->task_outcome = "permanent";
 			j->error = psprintf("more than %d redirects", cfg.max_redirects);
 		}
-		else if (t->prov_name[0] != '\0')
+		else if (provider_of(t))
 			judge_provider(j, status, retry_after, total_ms);
 		else
 			judge_request(j, status, retry_after, total_ms);
@@ -1416,10 +1438,10 @@ record_finished(void)
 			error_nulls[f] = j->error == NULL;
 			waits[f] = Float8GetDatum(j->wait_s);
 			wait_nulls[f] = j->wait_null;
-			provs[f] = j->t->prov_name[0] ? CStringGetTextDatum(j->t->prov_name) : (Datum) 0;
-			prov_nulls[f] = j->t->prov_name[0] == '\0';
-			creds[f] = Int64GetDatum(j->t->cred_id);
-			cred_nulls[f] = j->t->cred_id == 0;
+			provs[f] = provider_of(j->t) ? CStringGetTextDatum(provider_of(j->t)->name) : (Datum) 0;
+			prov_nulls[f] = provider_of(j->t) == NULL;
+			creds[f] = Int64GetDatum(cred_id_of(j->t));
+			cred_nulls[f] = cred_id_of(j->t) == 0;
 			f++;
 		}
 		values[0] = make_array(ids, NULL, nfinal, INT8OID);
@@ -1523,11 +1545,11 @@ record_finished(void)
 		{
 			Judged	   *j = &js[i];
 
-			if (j->cursor == NULL || j->t->prov < 0)
+			if (j->cursor == NULL)
 				continue;
 			pids[npages] = Int64GetDatum(j->t->task_id);
-			pprov[npages] = CStringGetTextDatum(j->t->prov_name);
-			pparam[npages] = CStringGetTextDatum(route.providers[j->t->prov].cursor_param);
+			pprov[npages] = CStringGetTextDatum(provider_of(j->t)->name);
+			pparam[npages] = CStringGetTextDatum(provider_of(j->t)->cursor_param);
 			pcursor[npages] = CStringGetTextDatum(j->cursor);
 			ppage[npages++] = Int32GetDatum(j->page);
 		}
@@ -1578,14 +1600,15 @@ record_finished(void)
 			Judged	   *j = &js[i];
 			int			k;
 
-			if (j->t->cred_id == 0 || (j->t->easy == NULL && !j->t->refused[0]))
+			/* a call refused before it connected did not use the key */
+			if (cred_id_of(j->t) == 0 || j->t->easy == NULL)
 				continue;
 			for (k = 0; k < nc; k++)
-				if (DatumGetInt64(cid[k]) == j->t->cred_id)
+				if (DatumGetInt64(cid[k]) == cred_id_of(j->t))
 					break;
 			if (k == nc)
 			{
-				cid[k] = Int64GetDatum(j->t->cred_id);
+				cid[k] = Int64GetDatum(cred_id_of(j->t));
 				cuses[k] = Int32GetDatum(0);
 				cstatus_null[k] = true;
 				cauth[k] = BoolGetDatum(false);
@@ -1609,9 +1632,8 @@ record_finished(void)
 		{
 			TimestampTz rest;
 			int			streak;
-			bool		auth;
 
-			beat_credential_get(DatumGetInt64(cid[k]), &rest, &streak, &auth);
+			beat_credential_get(DatumGetInt64(cid[k]), &rest, &streak);
 			cstreak[k] = Int32GetDatum(streak);
 			crest[k] = Float8GetDatum(rest > now ? (rest - now) / 1000000.0 : 0);
 		}
@@ -1698,10 +1720,10 @@ record_finished(void)
 			outcomes[i] = CStringGetTextDatum(j->log_outcome);
 			errors[i] = j->error ? CStringGetTextDatum(j->error) : (Datum) 0;
 			error_nulls[i] = j->error == NULL;
-			provs[i] = t->prov_name[0] ? CStringGetTextDatum(t->prov_name) : (Datum) 0;
-			prov_nulls[i] = t->prov_name[0] == '\0';
-			creds[i] = Int64GetDatum(t->cred_id);
-			cred_nulls[i] = t->cred_id == 0;
+			provs[i] = provider_of(t) ? CStringGetTextDatum(provider_of(t)->name) : (Datum) 0;
+			prov_nulls[i] = provider_of(t) == NULL;
+			creds[i] = Int64GetDatum(cred_id_of(t));
+			cred_nulls[i] = cred_id_of(t) == 0;
 		}
 		values[0] = CStringGetTextDatum(flow_name);
 		values[1] = CStringGetTextDatum(worker_name);
@@ -1798,23 +1820,6 @@ hand_back_inflight(void)
 	MemoryContextSwitchTo(pass_ctx);
 }
 
-/* Find each transfer's provider and key again in a reloaded route. */
-static void
-resolve_transfers(Transfer *list)
-{
-	for (Transfer *t = list; t != NULL; t = t->next)
-	{
-		if (t->prov_name[0] == '\0')
-			continue;
-		t->prov = route_find(&route, t->prov_name);
-		t->cred = -1;
-		if (t->prov >= 0)
-			for (int k = 0; k < route.providers[t->prov].ncreds; k++)
-				if (route.providers[t->prov].creds[k].id == t->cred_id)
-					t->cred = k;
-	}
-}
-
 /* Reread our flow in a transaction of its own. */
 static void
 reload_flow(void)
@@ -1828,8 +1833,6 @@ reload_flow(void)
 	beat_spi_finish();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(pass_ctx);
-	resolve_transfers(inflight);
-	resolve_transfers(finished);
 }
 
 /* Milliseconds from now until ts, at least 0. */

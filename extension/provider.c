@@ -384,13 +384,18 @@ beat_credential_limited(const char *provider, const int64 *ids, int n, int64 id,
 	double		jitter = pg_prng_double(&pg_global_prng_state);
 
 	LWLockAcquire(provider_lock, LW_EXCLUSIVE);
-	e = credential_entry(id, true);
+	e = id != 0 ? credential_entry(id, true) : NULL;
 	if (e == NULL)
 	{
+		/* no key (or no room to remember it): the provider waits */
+		ProviderEntry *p = provider_entry(provider, true);
+
+		*rest_until = now + Max(wait_us, rest_base_us);
+		*streak = 0;
+		if (p != NULL)
+			p->limited_until = Max(p->limited_until, *rest_until);
 		LWLockRelease(provider_lock);
-		*rest_until = now + wait_us;
-		*streak = 1;
-		return false;
+		return true;
 	}
 	e->streak = Min(e->streak + 1, 40);
 	e->last_429 = now;
@@ -454,7 +459,7 @@ beat_credential_auth_failed(int64 id)
 }
 
 void
-beat_credential_get(int64 id, TimestampTz *rest_until, int *streak, bool *auth_failed)
+beat_credential_get(int64 id, TimestampTz *rest_until, int *streak)
 {
 	CredentialEntry *e;
 
@@ -462,7 +467,6 @@ beat_credential_get(int64 id, TimestampTz *rest_until, int *streak, bool *auth_f
 	e = credential_entry(id, false);
 	*rest_until = e ? e->rest_until : 0;
 	*streak = e ? e->streak : 0;
-	*auth_failed = e ? e->auth_failed : false;
 	LWLockRelease(provider_lock);
 }
 

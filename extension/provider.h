@@ -64,6 +64,7 @@ extern void beat_credential_ok(int64 id);
  * every key of the provider got a 429 within the last two seconds, the
  * provider is limited instead (returns true) and the keys are not blamed.
  * *rest_until is when the key (or the provider) may be called again.
+ * id 0 is a call made without a key: the provider's own limit.
  */
 extern bool beat_credential_limited(const char *provider, const int64 *ids, int n,
 									int64 id, int64 wait_us, int64 rest_base_us,
@@ -74,8 +75,7 @@ extern bool beat_credential_limited(const char *provider, const int64 *ids, int 
 extern void beat_credential_auth_failed(int64 id);
 
 /* The key's shared state, for the durable mirror in beat.credential. */
-extern void beat_credential_get(int64 id, TimestampTz *rest_until, int *streak,
-								bool *auth_failed);
+extern void beat_credential_get(int64 id, TimestampTz *rest_until, int *streak);
 
 /* Seed a key's shared state from beat.credential, if it has none yet. */
 extern void beat_credential_seed(int64 id, TimestampTz rest_until, int streak);
