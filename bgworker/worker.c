@@ -1593,6 +1593,7 @@ record_finished(void)
 		Datum	   *cauth = palloc(sizeof(Datum) * n);
 		Datum	   *creason = palloc(sizeof(Datum) * n);
 		bool	   *creason_null = palloc(sizeof(bool) * n);
+		bool		any_auth = false;
 		TimestampTz now = GetCurrentTimestamp();
 
 		for (i = 0; i < n; i++)
@@ -1623,6 +1624,7 @@ record_finished(void)
 			}
 			if (j->auth_failed)
 			{
+				any_auth = true;
 				cauth[k] = BoolGetDatum(true);
 				creason[k] = CStringGetTextDatum(j->error ? j->error : "auth failed");
 				creason_null[k] = false;
@@ -1668,18 +1670,16 @@ record_finished(void)
 			 * Only a key that failed auth changes a setting (enabled): that
 			 * alone fires credential_changed and makes every worker reload.
 			 */
-			for (int k = 0; k < nc; k++)
-				if (DatumGetBool(cauth[k]))
-				{
-					Oid			dtypes[2] = {INT8OID, TEXTOID};
-					Datum		dargs[2] = {cid[k], creason[k]};
-
-					beat_prepare(&plan_disable_key,
-								 "UPDATE beat.credential SET enabled = false, disabled_reason = $2"
-								 " WHERE id = $1 AND enabled",
-								 2, dtypes);
-					beat_execute(plan_disable_key, dargs, "  ", SPI_OK_UPDATE);
-				}
+			if (any_auth)
+			{
+				/* the same arguments; $2 to $5 go unused */
+				beat_prepare(&plan_disable_key,
+							 "UPDATE beat.credential c SET enabled = false, disabled_reason = u.reason"
+							 " FROM unnest($1, $6, $7) AS u(id, auth, reason)"
+							 " WHERE c.id = u.id AND u.auth AND c.enabled",
+							 7, types);
+				beat_execute(plan_disable_key, args, "       ", SPI_OK_UPDATE);
+			}
 		}
 	}
 
