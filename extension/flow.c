@@ -34,6 +34,7 @@ PG_FUNCTION_INFO_V1(beat_drop_flow);
 PG_FUNCTION_INFO_V1(beat_pause);
 PG_FUNCTION_INFO_V1(beat_resume);
 PG_FUNCTION_INFO_V1(beat_flow_changed);
+PG_FUNCTION_INFO_V1(beat_request_problem);
 
 #define FLOW_NARGS 17
 
@@ -57,20 +58,19 @@ static SPIPlanPtr plan_flow_live = NULL;
 static SPIPlanPtr plan_flow_delete_tasks = NULL;
 static SPIPlanPtr plan_flow_delete = NULL;
 
-/* Check a flow name: lower-case letters, digits, '_', '.', '-'; 1-63 bytes. */
-static char *
-check_flow_name(FunctionCallInfo fcinfo)
+/*
+ * Check the name of a flow or an operation (what): lower-case letters,
+ * digits, '_', '.', '-'; 1-63 bytes.
+ */
+static void
+check_lower_name(const char *name, const char *what)
 {
-	char	   *name;
-	size_t		len;
+	size_t		len = strlen(name);
 
-	beat_require(fcinfo, 0, "name");
-	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	len = strlen(name);
 	if (len == 0 || len > 63)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
-				 errmsg("flow name must have 1 to 63 characters")));
+				 errmsg("%s name must have 1 to 63 characters", what)));
 	for (size_t i = 0; i < len; i++)
 	{
 		char		c = name[i];
@@ -80,9 +80,21 @@ check_flow_name(FunctionCallInfo fcinfo)
 		if (!ok)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_NAME),
-					 errmsg("invalid flow name \"%s\"", name),
-					 errdetail("A flow name starts with a lower-case letter or digit and continues with lower-case letters, digits, '_', '.' or '-'.")));
+					 errmsg("invalid %s name \"%s\"", what, name),
+					 errdetail("A %s name starts with a lower-case letter or digit and continues with lower-case letters, digits, '_', '.' or '-'.",
+							   what)));
 	}
+}
+
+/* The flow name argument, checked. */
+static char *
+check_flow_name(FunctionCallInfo fcinfo)
+{
+	char	   *name;
+
+	beat_require(fcinfo, 0, "name");
+	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	check_lower_name(name, "flow");
 	return name;
 }
 
@@ -145,75 +157,101 @@ check_flow_settings(FunctionCallInfo fcinfo)
 	}
 	if (ARG_GIVEN(16))
 	{
-		char	   *op = text_to_cstring(PG_GETARG_TEXT_PP(16));
-		size_t		len = strlen(op);
-
 		if (ARG_GIVEN(10))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("a flow has a request or an operation, not both"),
 					 errhint("A request is one fixed call; an operation is served by the providers of its route (beat.route).")));
-		if (len == 0 || len > 63)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_NAME),
-					 errmsg("operation name must have 1 to 63 characters")));
-		for (size_t i = 0; i < len; i++)
-		{
-			char		c = op[i];
-
-			if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-				  (i > 0 && (c == '_' || c == '.' || c == '-'))))
-				ereport(ERROR,
-						(errcode(ERRCODE_INVALID_NAME),
-						 errmsg("invalid operation name \"%s\"", op)));
-		}
+		check_lower_name(text_to_cstring(PG_GETARG_TEXT_PP(16)), "operation");
 	}
 }
 
 /*
- * Check a request template: an object with a "url" (http or https) and
- * optional "method", "query" and "headers" (objects of scalars) and "body".
- * Runs inside SPI.
+ * What is wrong with a request template, or NULL.  A flow's request is an
+ * object with a "url" (http or https) and optional "method", "query" and
+ * "headers" (objects of scalars) and "body".  A provider's operation
+ * (operation true) may also have a url that is a path (joined to the
+ * provider's base URL), and "cursor" and "max_pages", which
+ * beat.check_operation checks.  Runs inside SPI.
  */
-static void
-check_request(Datum request)
+static char *
+request_problem(Datum tmpl, bool operation)
 {
-	Oid			argtypes[1] = {JSONBOID};
+	Oid			argtypes[2] = {JSONBOID, BOOLOID};
+	Datum		values[2] = {tmpl, BoolGetDatum(operation)};
 	bool		isnull;
 	Datum		problem;
 
 	beat_prepare(&plan_check_request,
 				 "SELECT CASE"
 				 " WHEN jsonb_typeof($1) <> 'object'"
-				 "   THEN 'request must be a JSON object'"
+				 "   THEN CASE WHEN $2 THEN 'an operation' ELSE 'request' END || ' must be a JSON object'"
 				 " WHEN EXISTS (SELECT FROM jsonb_object_keys($1) k"
-				 "   WHERE k NOT IN ('method', 'url', 'query', 'headers', 'body'))"
-				 "   THEN 'request has an unknown key; the keys are method, url, query, headers and body'"
+				 "   WHERE k NOT IN ('method', 'url', 'query', 'headers', 'body')"
+				 "     AND NOT ($2 AND k IN ('cursor', 'max_pages')))"
+				 "   THEN CASE WHEN $2"
+				 "     THEN 'unknown key; the keys are method, url, query, headers, body, cursor and max_pages'"
+				 "     ELSE 'request has an unknown key; the keys are method, url, query, headers and body' END"
+				 " WHEN $2 AND (jsonb_typeof($1->'url') IS DISTINCT FROM 'string'"
+				 "   OR ($1->>'url' !~ '^/' AND $1->>'url' !~* '^https?://[^/?#{}]'))"
+				 "   THEN 'url must be a path starting with / (joined to base_url) or an http(s) URL'"
 				 " WHEN jsonb_typeof($1->'url') IS DISTINCT FROM 'string'"
 				 "   THEN 'request.url must be a string'"
-				 " WHEN $1->>'url' !~* '^https?://[^/?#{}]'"
+				 " WHEN NOT $2 AND $1->>'url' !~* '^https?://[^/?#{}]'"
 				 "   THEN 'request.url must start with http:// or https:// and a host'"
 				 " WHEN $1 ? 'method' AND (jsonb_typeof($1->'method') <> 'string'"
 				 "   OR $1->>'method' NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE', 'HEAD'))"
-				 "   THEN 'request.method must be one of GET, POST, PUT, PATCH, DELETE, HEAD'"
+				 "   THEN CASE WHEN $2 THEN '' ELSE 'request.' END"
+				 "     || 'method must be one of GET, POST, PUT, PATCH, DELETE, HEAD'"
 				 " WHEN $1 ? 'query' AND (jsonb_typeof($1->'query') <> 'object'"
 				 "   OR EXISTS (SELECT FROM jsonb_each($1->'query') e"
 				 "     WHERE jsonb_typeof(e.value) NOT IN ('string', 'number', 'boolean')))"
-				 "   THEN 'request.query must be an object of strings, numbers or booleans'"
+				 "   THEN CASE WHEN $2 THEN '' ELSE 'request.' END"
+				 "     || 'query must be an object of strings, numbers or booleans'"
 				 " WHEN $1 ? 'headers' AND (jsonb_typeof($1->'headers') <> 'object'"
 				 "   OR EXISTS (SELECT FROM jsonb_each($1->'headers') e"
 				 "     WHERE jsonb_typeof(e.value) NOT IN ('string', 'number', 'boolean')"
 				 "        OR e.key !~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]+$'))"
-				 "   THEN 'request.headers must be an object of header names and scalar values'"
+				 "   THEN CASE WHEN $2 THEN '' ELSE 'request.' END"
+				 "     || 'headers must be an object of header names and scalar values'"
 				 " END",
-				 1, argtypes);
-	beat_execute(plan_check_request, &request, " ", SPI_OK_SELECT);
+				 2, argtypes);
+	beat_execute(plan_check_request, values, "  ", SPI_OK_SELECT);
 	problem = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	if (!isnull)
+	return isnull ? NULL : TextDatumGetCString(problem);
+}
+
+/* Raise if a flow's request template is not usable.  Inside SPI. */
+static void
+check_request(Datum request)
+{
+	char	   *problem = request_problem(request, false);
+
+	if (problem != NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s", TextDatumGetCString(problem)),
+				 errmsg("%s", problem),
 				 errhint("A request looks like {\"method\": \"GET\", \"url\": \"https://api.example.com/users/{{handle}}\", \"headers\": {\"Accept\": \"application/json\"}}.")));
+}
+
+/*
+ * beat.request_problem(tmpl, operation): the same check for
+ * beat.check_operation, as text (NULL when the template is fine).
+ */
+Datum
+beat_request_problem(PG_FUNCTION_ARGS)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	char	   *problem;
+
+	beat_spi_connect();
+	problem = request_problem(PG_GETARG_DATUM(0), PG_GETARG_BOOL(1));
+	if (problem != NULL)
+		problem = MemoryContextStrdup(caller, problem);
+	beat_spi_finish();
+	if (problem == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(problem));
 }
 
 /* Refuse a backoff_cap shorter than backoff_base, given or current. */

@@ -99,10 +99,17 @@ CREATE TRIGGER credential_changed
     AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF provider, secret, enabled ON beat.credential
     FOR EACH STATEMENT EXECUTE FUNCTION beat.flow_changed();
 
+-- What is wrong with a request template (the one check of extension/flow.c,
+-- which also checks beat.flow.request), or NULL.
+CREATE FUNCTION beat.request_problem(tmpl jsonb, operation boolean)
+RETURNS text
+AS 'MODULE_PATHNAME', 'beat_request_problem'
+LANGUAGE C STABLE STRICT;
+
 -- Check an operation's request template; raise naming what is wrong.
 CREATE FUNCTION beat.check_operation(provider text, operation text, tmpl jsonb)
 RETURNS void
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     problem text;
@@ -110,31 +117,15 @@ DECLARE
 BEGIN
     IF operation IS NULL OR operation !~ '^[a-z0-9][a-z0-9_.-]{0,62}$' THEN
         problem := format('invalid operation name "%s"', operation);
-    ELSIF jsonb_typeof(tmpl) IS DISTINCT FROM 'object' THEN
-        problem := 'an operation must be a JSON object';
-    ELSIF EXISTS (SELECT FROM jsonb_object_keys(tmpl) k
-                  WHERE k NOT IN ('method', 'url', 'query', 'headers', 'body', 'cursor', 'max_pages')) THEN
-        problem := 'unknown key; the keys are method, url, query, headers, body, cursor and max_pages';
-    ELSIF jsonb_typeof(tmpl->'url') IS DISTINCT FROM 'string'
-          OR (tmpl->>'url' !~ '^/' AND tmpl->>'url' !~* '^https?://[^/?#{}]') THEN
-        problem := 'url must be a path starting with / (joined to base_url) or an http(s) URL';
-    ELSIF tmpl ? 'method' AND (jsonb_typeof(tmpl->'method') <> 'string'
-          OR tmpl->>'method' NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE', 'HEAD')) THEN
-        problem := 'method must be one of GET, POST, PUT, PATCH, DELETE, HEAD';
-    ELSIF tmpl ? 'query' AND (jsonb_typeof(tmpl->'query') <> 'object'
-          OR EXISTS (SELECT FROM jsonb_each(tmpl->'query') e
-                     WHERE jsonb_typeof(e.value) NOT IN ('string', 'number', 'boolean'))) THEN
-        problem := 'query must be an object of strings, numbers or booleans';
-    ELSIF tmpl ? 'headers' AND (jsonb_typeof(tmpl->'headers') <> 'object'
-          OR EXISTS (SELECT FROM jsonb_each(tmpl->'headers') e
-                     WHERE jsonb_typeof(e.value) NOT IN ('string', 'number', 'boolean')
-                        OR e.key !~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]+$')) THEN
-        problem := 'headers must be an object of header names and scalar values';
-    ELSIF tmpl ? 'max_pages' AND (jsonb_typeof(tmpl->'max_pages') <> 'number'
+    ELSE
+        problem := beat.request_problem(tmpl, true);
+    END IF;
+    IF problem IS NULL AND tmpl ? 'max_pages' AND (jsonb_typeof(tmpl->'max_pages') <> 'number'
           OR (tmpl->>'max_pages')::numeric NOT BETWEEN 1 AND 100000
           OR (tmpl->>'max_pages')::numeric <> trunc((tmpl->>'max_pages')::numeric)) THEN
         problem := 'max_pages must be an integer from 1 to 100000';
-    ELSIF tmpl ? 'cursor' THEN
+    END IF;
+    IF problem IS NULL AND tmpl ? 'cursor' THEN
         DECLARE
             c jsonb := tmpl->'cursor';
         BEGIN
@@ -626,6 +617,7 @@ COMMENT ON VIEW beat.provider_health IS 'Per provider: circuit breaker state, ca
 REVOKE ALL ON FUNCTION
     beat.create_flow(text, integer, interval, interval, interval, integer, interval, integer, integer, boolean, jsonb, interval, int4multirange, int4multirange, integer, text[], text),
     beat.alter_flow(text, integer, interval, interval, interval, integer, interval, integer, integer, boolean, jsonb, interval, int4multirange, int4multirange, integer, text[], text),
+    beat.request_problem(jsonb, boolean),
     beat.check_operation(text, text, jsonb), beat.check_rules(text, jsonb),
     beat.set_provider(text, text, jsonb, text[], text[], jsonb, numeric, interval, interval, interval, integer, real, integer, interval, interval, integer),
     beat.drop_provider(text, boolean), beat.set_route(text, text, integer, integer),
