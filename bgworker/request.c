@@ -138,37 +138,50 @@ beat_template_parse(const char *json_text, char **error)
 }
 
 /*
- * The value of param name as text (malloc'd), or NULL with *error set.
- * Strings are themselves; other values are compact JSON.
+ * The param a placeholder names (name, namelen bytes, without the braces),
+ * as a borrowed reference.  NULL when it is missing or null: then *optional
+ * says whether the placeholder allowed that ({{name?}}), and *error is set
+ * when it did not.
  */
-static char *
-param_text(json_t *params, const char *name, size_t namelen, char **error)
+static json_t *
+placeholder_param(json_t *params, const char *name, size_t namelen, bool *optional,
+				  char **error)
 {
 	char		key[256];
 	json_t	   *v;
 
+	*optional = namelen > 1 && name[namelen - 1] == '?';
+	if (*optional)
+		namelen--;
 	if (namelen == 0 || namelen >= sizeof(key))
 	{
+		*optional = false;
 		*error = msg("bad placeholder {{%.*s}}", (int) namelen, name);
 		return NULL;
 	}
 	memcpy(key, name, namelen);
 	key[namelen] = '\0';
-	if (namelen > 1 && key[namelen - 1] == '?')
-	{
-		/* {{name?}}: optional, empty when missing */
-		key[namelen - 1] = '\0';
-		v = json_object_get(params, key);
-		if (v == NULL || json_is_null(v))
-			return strdup("");
-	}
-	else
-		v = json_object_get(params, key);
-	if (v == NULL || json_is_null(v))
-	{
+	v = json_object_get(params, key);
+	if (v != NULL && !json_is_null(v))
+		return v;
+	if (!*optional)
 		*error = msg("missing parameter \"%s\" for placeholder {{%s}}", key, key);
-		return NULL;
-	}
+	return NULL;
+}
+
+/*
+ * The value of a placeholder's param as text (malloc'd): strings are
+ * themselves, other values compact JSON, a missing optional one empty.
+ * NULL with *error set.
+ */
+static char *
+param_text(json_t *params, const char *name, size_t namelen, char **error)
+{
+	bool		optional;
+	json_t	   *v = placeholder_param(params, name, namelen, &optional, error);
+
+	if (v == NULL)
+		return optional ? strdup("") : NULL;
 	if (json_is_string(v))
 		return strdup(json_string_value(v));
 	return json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
@@ -292,16 +305,15 @@ optional_missing(json_t *v, json_t *params)
 {
 	const char *name;
 	size_t		len;
-	char		key[256];
-	json_t	   *p;
+	bool		optional;
+	char	   *error = NULL;
 
-	if (!json_is_string(v) || !whole_placeholder(json_string_value(v), &name, &len) ||
-		len < 2 || name[len - 1] != '?' || len > sizeof(key))
+	if (!json_is_string(v) || !whole_placeholder(json_string_value(v), &name, &len))
 		return false;
-	memcpy(key, name, len - 1);
-	key[len - 1] = '\0';
-	p = json_object_get(params, key);
-	return p == NULL || json_is_null(p);
+	if (placeholder_param(params, name, len, &optional, &error) != NULL)
+		return false;
+	free(error);				/* a required one: rendering reports it */
+	return optional;
 }
 
 /* A copy of a body template with its placeholders filled (new reference). */
@@ -318,30 +330,11 @@ fill_body(json_t *tmpl, json_t *params, char **error)
 
 		if (whole_placeholder(s, &name, &len))
 		{
-			char		key[256];
-			json_t	   *v;
+			bool		optional;
+			json_t	   *v = placeholder_param(params, name, len, &optional, error);
 
-			if (len == 0 || len >= sizeof(key))
-			{
-				*error = msg("bad placeholder %s", s);
-				return NULL;
-			}
-			memcpy(key, name, len);
-			key[len] = '\0';
-			if (len > 1 && key[len - 1] == '?')
-			{
-				key[len - 1] = '\0';
-				v = json_object_get(params, key);
-				if (v == NULL)
-					return json_null();
-			}
-			else
-				v = json_object_get(params, key);
-			if (v == NULL || json_is_null(v))
-			{
-				*error = msg("missing parameter \"%s\" for placeholder {{%s}}", key, key);
-				return NULL;
-			}
+			if (v == NULL)
+				return optional ? json_null() : NULL;
 			return json_deep_copy(v);
 		}
 		text = render(s, params, NULL, error);
