@@ -81,6 +81,20 @@ static TimestampTz no_start_before = 0;	/* after quick crash restarts */
 static uint32 my_generation;
 
 static SPIPlanPtr plan_installed = NULL;
+/*
+ * Hand back the leases of a worker that is gone: pending again, or dead
+ * when that was the last attempt (the WHERE clause says whose).
+ */
+#define RELEASE_LEASES \
+	"UPDATE beat.task SET" \
+	" state = CASE WHEN attempts >= max_attempts" \
+	"   THEN 'dead'::beat.task_state ELSE 'pending'::beat.task_state END," \
+	" finished_at = CASE WHEN attempts >= max_attempts" \
+	"   THEN statement_timestamp() END," \
+	" last_error = 'worker ' || lease_owner || ' stopped while it held the task'," \
+	" lease_owner = NULL, lease_expires_at = NULL," \
+	" updated_at = statement_timestamp()"
+
 static SPIPlanPtr plan_release = NULL;
 static SPIPlanPtr plan_orphans = NULL;
 static SPIPlanPtr plan_wanted = NULL;
@@ -167,14 +181,7 @@ release_leases(const char *owner)
 	Datum		v = CStringGetTextDatum(owner);
 
 	beat_prepare(&plan_release,
-				 "UPDATE beat.task SET"
-				 " state = CASE WHEN attempts >= max_attempts"
-				 "   THEN 'dead'::beat.task_state ELSE 'pending'::beat.task_state END,"
-				 " finished_at = CASE WHEN attempts >= max_attempts"
-				 "   THEN statement_timestamp() END,"
-				 " last_error = 'worker ' || lease_owner || ' stopped while it held the task',"
-				 " lease_owner = NULL, lease_expires_at = NULL,"
-				 " updated_at = statement_timestamp()"
+				 RELEASE_LEASES
 				 " WHERE state = 'running' AND lease_owner = $1",
 				 1, argtypes);
 	beat_execute(plan_release, &v, " ", SPI_OK_UPDATE);
@@ -207,14 +214,7 @@ recover_orphans(void)
 	v = PointerGetDatum(construct_array(live, nlive, TEXTOID, -1, false, TYPALIGN_INT));
 
 	beat_prepare(&plan_orphans,
-				 "UPDATE beat.task SET"
-				 " state = CASE WHEN attempts >= max_attempts"
-				 "   THEN 'dead'::beat.task_state ELSE 'pending'::beat.task_state END,"
-				 " finished_at = CASE WHEN attempts >= max_attempts"
-				 "   THEN statement_timestamp() END,"
-				 " last_error = 'worker ' || lease_owner || ' stopped while it held the task',"
-				 " lease_owner = NULL, lease_expires_at = NULL,"
-				 " updated_at = statement_timestamp()"
+				 RELEASE_LEASES
 				 " WHERE state = 'running' AND starts_with(lease_owner, 'pg_beat:')"
 				 "   AND lease_owner <> ALL ($1)",
 				 1, argtypes);
