@@ -677,6 +677,34 @@ dispatch(Transfer *t, const char *pinned, TimestampTz *until, char **why)
 	return DISPATCH_STARTED;
 }
 
+/* Start one of our short transactions (activity: what pg_stat_activity shows). */
+static void
+xact_begin(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (activity)
+		pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+/*
+ * Commit it (SPI connected, a snapshot pushed) and go back to the pass's
+ * memory; with report, flush statistics and show the worker idle.
+ */
+static void
+xact_end(bool report)
+{
+	PopActiveSnapshot();
+	beat_spi_finish();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(pass_ctx);
+	if (report)
+	{
+		pgstat_report_stat(false);
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
+}
+
 static Datum make_array(Datum *values, bool *nulls, int n, Oid typid);
 
 /*
@@ -699,8 +727,7 @@ claim_and_start(int n, TimestampTz *next_due)
 	values[1] = CStringGetTextDatum(worker_name);
 	values[2] = Int32GetDatum(n);
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
+	xact_begin("pg_beat: claim");
 
 	/*
 	 * The claim's commit is durable, though a lost claim would only leave
@@ -709,7 +736,6 @@ claim_and_start(int n, TimestampTz *next_due)
 	 */
 	beat_spi_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "pg_beat: claim");
 
 	*next_due = 0;
 	beat_limiter_refresh();
@@ -888,12 +914,7 @@ claim_and_start(int n, TimestampTz *next_due)
 		*next_due = GetCurrentTimestamp() + (error == NULL && !r.allowed ? r.retry_us : 0);
 	}
 
-	PopActiveSnapshot();
-	beat_spi_finish();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(pass_ctx);
-	pgstat_report_stat(false);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	xact_end(true);
 	return claimed == asked;
 }
 
@@ -1343,9 +1364,7 @@ record_finished(void)
 		timing_nulls[k] = palloc0(sizeof(bool) * n);
 	}
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	pgstat_report_activity(STATE_RUNNING, "pg_beat: record results");
+	xact_begin("pg_beat: record results");
 
 	/* judge each transfer; the jsonb work runs before SPI */
 	for (t = list, i = 0; t != NULL; t = t->next, i++)
@@ -1754,12 +1773,7 @@ record_finished(void)
 					 17, argtypes);
 		beat_execute(plan_log, values, "                 ", SPI_OK_INSERT);
 	}
-	PopActiveSnapshot();
-	beat_spi_finish();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(pass_ctx);
-	pgstat_report_stat(false);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	xact_end(true);
 
 	while (list)
 	{
@@ -1794,8 +1808,7 @@ hand_back_inflight(void)
 	if (n == 0)
 		return;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
+	xact_begin(NULL);
 	values[0] = make_array(ids, NULL, n, INT8OID);	/* needs a transaction */
 	values[1] = CStringGetTextDatum(worker_name);
 	beat_spi_connect();
@@ -1814,25 +1827,18 @@ hand_back_inflight(void)
 						flow_name, SPI_processed)));
 	/* the other workers of the flow take these at once */
 	beat_wake_at_commit(flow_name);
-	PopActiveSnapshot();
-	beat_spi_finish();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(pass_ctx);
+	xact_end(false);
 }
 
 /* Reread our flow in a transaction of its own. */
 static void
 reload_flow(void)
 {
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
+	xact_begin(NULL);
 	beat_spi_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	load_flow();
-	PopActiveSnapshot();
-	beat_spi_finish();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(pass_ctx);
+	xact_end(false);
 }
 
 /* Milliseconds from now until ts, at least 0. */
