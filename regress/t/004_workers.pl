@@ -12,6 +12,7 @@ use warnings;
 
 use FindBin;
 use lib $FindBin::RealBin;
+use BeatNode;
 use BeatUpstream;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
@@ -30,46 +31,14 @@ sub upstream_stats { return $up->stats; }
 sub upstream_reset { return $up->reset; }
 
 # ---------------------------------------------------------------- node
-my $node = PostgreSQL::Test::Cluster->new('workers');
-$node->init;
-$node->append_conf(
-    'postgresql.conf', q{
-shared_preload_libraries = 'pg_beat'
-beat.database_name = 'postgres'
-beat.allow_private_addresses = on
-max_worker_processes = 32
+my $node = BeatNode::start('workers', q{
 beat.reaper_interval = '200ms'
 # small, so that size=50000 is over it (the echo answers are < 2 kB)
 beat.max_response_size = '10kB'
-# PostgreSQL::Test::Cluster turns this off; should a process crash, go on
-# (the last test reports it) rather than lose every test after it.
-restart_after_crash = on
 });
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION pg_beat');
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
-
-# Run $sql until it prints $expected ('t' unless given) or $timeout seconds
-# pass.  Returns the seconds it took, or undef (with a diag) on timeout.
-sub wait_for
-{
-    my ($sql, $timeout, $expected) = @_;
-    $expected //= 't';
-    my $t0   = [gettimeofday];
-    my $last = '';
-    while (1)
-    {
-        my ($ret, $out, $err) = $node->psql('postgres', $sql);
-        $last = defined $out ? $out : '';
-        return tv_interval($t0) if $ret == 0 && $last eq $expected;
-        last if tv_interval($t0) > $timeout;
-        usleep(50_000);
-    }
-    diag "timed out after ${timeout}s waiting for:\n$sql\nexpected: $expected\n"
-      . "last output: $last";
-    return undef;
-}
+sub wait_for { return BeatNode::wait_for($node, @_); }
 
 # On a failed wait: what the tasks and the workers look like.
 sub dump_state

@@ -20,6 +20,7 @@ use warnings;
 
 use FindBin;
 use lib $FindBin::RealBin;
+use BeatNode;
 use BeatUpstream;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -42,46 +43,15 @@ sub upstream_stats { return $up->stats; }
 sub upstream_reset { return $up->reset; }
 
 # ---------------------------------------------------------------- node
-my $node = PostgreSQL::Test::Cluster->new('worker_crash');
-$node->init;
-$node->append_conf(
-    'postgresql.conf', q{
-shared_preload_libraries = 'pg_beat'
-beat.database_name = 'postgres'
-beat.allow_private_addresses = on
-max_worker_processes = 32
+# part (a) is about restart_after_crash, which BeatNode turns on
+my $node = BeatNode::start('worker_crash', q{
 beat.reaper_interval = '200ms'
 # a stopping worker hands back at once what it has in flight
 beat.shutdown_grace = 0
-# PostgreSQL::Test::Cluster turns this off; part (a) is about it.
-restart_after_crash = on
 });
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION pg_beat');
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
-
-# Run $sql until it prints $expected ('t' unless given) or $timeout seconds
-# pass.  Returns the seconds it took, or undef (with a diag) on timeout.
-# Connection failures (a server restarting) count as "not yet".
-sub wait_for
-{
-    my ($sql, $timeout, $expected) = @_;
-    $expected //= 't';
-    my $t0   = [gettimeofday];
-    my $last = '';
-    while (1)
-    {
-        my ($ret, $out, $err) = $node->psql('postgres', $sql);
-        $last = defined $out ? $out : '';
-        return tv_interval($t0) if $ret == 0 && $last eq $expected;
-        last if tv_interval($t0) > $timeout;
-        usleep(50_000);
-    }
-    diag "timed out after ${timeout}s waiting for:\n$sql\nexpected: $expected\n"
-      . "last output: $last";
-    return undef;
-}
+sub wait_for { return BeatNode::wait_for($node, @_); }
 
 # Wait up to $timeout s for $re in the server log after $offset; returns
 # the match's first group (or 1), undef on timeout.

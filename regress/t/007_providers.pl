@@ -13,6 +13,7 @@ use warnings;
 
 use FindBin;
 use lib $FindBin::RealBin;
+use BeatNode;
 use BeatUpstream;
 use HTTP::Tiny;
 use JSON::PP;
@@ -38,41 +39,20 @@ sub faults
 	return;
 }
 
-my $node = PostgreSQL::Test::Cluster->new('providers');
-$node->init;
-$node->append_conf(
-	'postgresql.conf', q{
-shared_preload_libraries = 'pg_beat'
-beat.database_name = 'postgres'
-beat.allow_private_addresses = on
-max_worker_processes = 32
+my $node = BeatNode::start('providers', q{
 beat.reaper_interval = '200ms'
-restart_after_crash = on
 });
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION pg_beat');
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 
-# Run $sql until it prints $expected ('t' unless given) or $timeout s pass.
+# Run $q until it prints $expected; on a timeout, show the unfinished tasks.
 sub wait_for
 {
-	my ($q, $timeout, $expected) = @_;
-	$expected //= 't';
-	my $t0   = [gettimeofday];
-	my $last = '';
-	while (1)
-	{
-		my ($ret, $out) = $node->psql('postgres', $q);
-		$last = $out // '';
-		return tv_interval($t0) if $ret == 0 && $last eq $expected;
-		last if tv_interval($t0) > $timeout;
-		usleep(50_000);
-	}
-	diag "timed out after ${timeout}s waiting for:\n$q\nexpected: $expected\nlast: $last\n"
-	  . sql(q{SELECT id, state, attempts, provider, last_error FROM beat.task
-	          WHERE state <> 'succeeded' ORDER BY id DESC LIMIT 10});
-	return undef;
+	my $took = BeatNode::wait_for($node, @_);
+	diag sql(q{SELECT id, state, attempts, provider, last_error FROM beat.task
+	           WHERE state <> 'succeeded' ORDER BY id DESC LIMIT 10})
+	  unless defined $took;
+	return $took;
 }
 
 # Wait until every task of flow is done; returns true when all succeeded.
