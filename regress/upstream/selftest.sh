@@ -272,6 +272,51 @@ C -X POST -o /dev/null "$B/_reset"
 C "$B/_stats" -o "$TMP/s"
 pycheck "POST /_reset zeroes by_api_key*" "$TMP/s" 'd["by_api_key"]=={} and d["by_api_key_status"]=={}'
 
+# ---- flaky upstream: fail_pct, limit_pct -------------------------------------
+C "$B/profile/x?fail_pct=100" -o "$TMP/j" -w '%{http_code}' >"$TMP/w"
+check "fail_pct=100 -> 503" "$(cat "$TMP/w")" "503"
+pycheck "fail_pct=100 body" "$TMP/j" 'd=={"error":"flaky upstream"}'
+C "$B/profile/x?fail_pct=0" -o "$TMP/j" -w '%{http_code}' >"$TMP/w"
+check "fail_pct=0 -> 200" "$(cat "$TMP/w")" "200"
+pycheck "fail_pct=0 keeps the route's body" "$TMP/j" 'd["handle"]=="x"'
+C "$B/json?limit_pct=100&limit_retry_after=3" -D "$TMP/h" -o "$TMP/j" -w '%{http_code}' >"$TMP/w"
+check "limit_pct=100&limit_retry_after=3 -> 429 + Retry-After: 3" "$(cat "$TMP/w") $(hdr "$TMP/h" Retry-After)" "429 3"
+pycheck "limit_pct=100 body" "$TMP/j" 'd=={"error":"flaky rate limit"}'
+C "$B/json?limit_pct=100" -D "$TMP/h" -o /dev/null
+check "limit_retry_after defaults to 1" "$(hdr "$TMP/h" Retry-After)" "1"
+check "fail_pct=0&limit_pct=0.0 -> 200" "$(code "$B/json?fail_pct=0&limit_pct=0.0")" "200"
+check "fail_pct is drawn before limit_pct" "$(code "$B/json?fail_pct=100&limit_pct=100")" "503"
+check "flaky comes before reset=, hang=, require_key=, ratelimit=" \
+    "$(code "$B/json?fail_pct=100&reset=1") $(code "$B/json?limit_pct=100&hang=1") $(code "$B/json?fail_pct=100&require_key=K") $(code "$B/json?fail_pct=100&ratelimit=0")" \
+    "503 429 503 503"
+check "status= does not replace a flaky answer" "$(code "$B/json?fail_pct=100&status=200")" "503"
+check "an API-key fault comes first" \
+    "$(F '{"KEY_FL": {"status": 401}}' >/dev/null; code -H 'X-Api-Key: KEY_FL' "$B/json?fail_pct=100")" "401"
+C -X DELETE -o /dev/null "$B/_faults"
+check "bad fail_pct/limit_pct -> 400" \
+    "$(code "$B/json?limit_pct=abc") $(code "$B/json?fail_pct=101") $(code "$B/json?fail_pct=-1") $(code "$B/json?fail_pct=nan") $(code "$B/json?limit_pct=")" \
+    "400 400 400 400 400"
+check "bad limit_retry_after -> 400 (even when no draw hits)" \
+    "$(code "$B/json?limit_pct=100&limit_retry_after=x") $(code "$B/json?limit_pct=0&limit_retry_after=-1") $(code "$B/json?limit_retry_after=1.5")" "400 400 400"
+C "$B/json?fail_pct=abc" -o "$TMP/j"
+pycheck "bad fail_pct: error names it" "$TMP/j" '"fail_pct" in d["error"]'
+case $(code "$B/json?fail_pct=0.5&limit_pct=0.5") in 200|503|429) ok "fractional pct accepted" ;;
+    *) bad "fractional pct accepted" "$(code "$B/json?fail_pct=0.5&limit_pct=0.5")" ;; esac
+# statistics: 200 requests each on one keep-alive connection; binomial(200, 0.5)
+# lies in 60..140 and binomial(200, 0.25) in 15..85 all but ~1e-6 of the time
+C -X POST -o /dev/null "$B/_reset"
+URLS=(); for i in $(seq 200); do URLS+=(-o /dev/null "$B/profile/x?fail_pct=50&key=flaky-f"); done
+NF=$(C -w '%{http_code}\n' "${URLS[@]}" | grep -c '^503$')
+URLS=(); for i in $(seq 200); do URLS+=(-o /dev/null "$B/json?limit_pct=25&key=flaky-l"); done
+C -w '%{http_code}\n' "${URLS[@]}" >"$TMP/codes"
+NL=$(grep -c '^429$' "$TMP/codes")
+[ "$NF" -ge 60 ] && [ "$NF" -le 140 ] && ok "fail_pct=50: $NF of 200 are 503" || bad "fail_pct=50" "$NF of 200 are 503, want 60..140"
+[ "$NL" -ge 15 ] && [ "$NL" -le 85 ] && ok "limit_pct=25: $NL of 200 are 429" || bad "limit_pct=25" "$NL of 200 are 429, want 15..85"
+check "limit_pct=25: the others are 200" "$(grep -c '^200$' "$TMP/codes")" "$((200 - NL))"
+C "$B/_stats" -o "$TMP/s"
+pycheck "flaky answers counted in /_stats" "$TMP/s" \
+    "d['total']==400 and d['by_key']=={'flaky-f':200,'flaky-l':200} and d['by_status']=={'503':$NF,'429':$NL,'200':$((400 - NF - NL))}"
+
 # ---- personas: the same profile in four providers' shapes --------------------
 for h in jane_doe bob; do
     C "$B/profile/$h" -o "$TMP/p0"; C "$B/acme/v1/profiles/$h" -o "$TMP/pa"

@@ -54,6 +54,16 @@ Options (query string, any route except /_stats, /_reset and /_faults), applied 
   key=K                  count this request under by_key[K] in /_stats
   delay_ms=N             sleep N ms before doing anything else
                          (then the request's API-key fault, if it has one)
+  fail_pct=P             with probability P percent (0..100, may be fractional)
+                         answer 503 {"error": "flaky upstream"}
+  limit_pct=P&limit_retry_after=S
+                         then, with probability P percent, answer 429
+                         {"error": "flaky rate limit"} with Retry-After: S (whole
+                         seconds >= 0, default 1).  Each is an independent draw from
+                         one process-wide random.Random; a bad value is a 400 even
+                         when no draw hits.  Both answers are counted in /_stats
+                         like any other; status= does not replace them, the later
+                         options (retry_after=, header=, body=, ...) still apply
   reset=1                close abruptly with SO_LINGER 0 (client sees a RST, curl exit 56)
   hang=1                 never answer; hold the connection until the client closes it
   expires=EPOCH          403 {"error": "URL signature expired"} once time() > EPOCH
@@ -89,6 +99,7 @@ import http.server
 import json
 import math
 import os
+import random
 import signal
 import socket
 import socketserver
@@ -352,6 +363,31 @@ def float_opt(q, name, default):
     return v
 
 
+def pct_opt(q, name):
+    """A probability in percent, 0..100 (fractional allowed); 0 when absent."""
+    if name not in q:
+        return 0.0
+    try:
+        v = float(q[name][-1])
+    except ValueError:
+        raise BadRequest("%s must be a number" % name) from None
+    if not 0 <= v <= 100:  # also rejects nan
+        raise BadRequest("%s out of range (0..100)" % name)
+    return v
+
+
+_rng = random.Random()
+_rng_lock = threading.Lock()
+
+
+def chance(pct):
+    """True with probability pct percent (never for 0, always for 100)."""
+    if pct <= 0:
+        return False
+    with _rng_lock:
+        return _rng.random() * 100 < pct
+
+
 def flag(q, name):
     return q.get(name, ["0"])[-1] not in ("", "0", "false", "no")
 
@@ -612,6 +648,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not fault.passes_through():
                 return self.send_fault(fault)
             extra += fault.extra_headers()  # a no-op fault only adds its headers
+        # flaky upstream: validate all three before either draw
+        fail_pct, limit_pct = pct_opt(q, "fail_pct"), pct_opt(q, "limit_pct")
+        limit_retry = int_opt(q, "limit_retry_after", 1, hi=10**9)
+        if chance(fail_pct):
+            return self.answer(q, 503, {"error": "flaky upstream"}, extra, False)
+        if chance(limit_pct):
+            set_header(extra, "Retry-After", str(limit_retry))
+            return self.answer(q, 429, {"error": "flaky rate limit"}, extra, False)
         if flag(q, "reset"):
             return self.drop_reset()
         if flag(q, "hang"):
