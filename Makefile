@@ -7,7 +7,7 @@ OBJS        = $(patsubst %.c,%.o,$(wildcard extension/*.c bgworker/*.c))
 DATA        = $(wildcard sql/$(EXTENSION)--*.sql)
 PG_CPPFLAGS = -I$(CURDIR)/extension -DPG_BEAT_VERSION=\"$(EXTVERSION)\"
 SHLIB_LINK  = -lcurl -ljansson
-EXTRA_CLEAN = regress/results regress/output_iso regress/tmp_check regress/log
+EXTRA_CLEAN = regress/results regress/output_iso regress/tmp_check regress/log demo/listen
 
 # `make installcheck` runs the same pg_regress and isolation suites as
 # `make test`, against a running server that preloads pg_beat.
@@ -22,6 +22,13 @@ include $(PGXS)
 
 # Every object depends on the shared header.
 $(OBJS): extension/pg_beat.h
+
+# demo/listen: a LISTEN beat_events client (libpq) that counts what it got;
+# the demo and the TAP tests use it.
+all: demo/listen
+demo/listen: demo/listen.c
+	$(CC) $(CFLAGS) -I$(shell $(PG_CONFIG) --includedir) $< \
+		-L$(shell $(PG_CONFIG) --libdir) -lpq -o $@
 
 .PHONY: test
 # Installs what is missing, builds with -Werror, runs every suite.
