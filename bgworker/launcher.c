@@ -626,7 +626,7 @@ beat_launcher_main(Datum arg)
 			}
 			if (now >= next_purge)
 			{
-				if (SPI_execute("SELECT beat.purge(), beat.purge_http_log()", false, 0)
+				if (SPI_execute("SELECT beat.purge(), beat.purge_http_log(), beat.purge_data()", false, 0)
 					!= SPI_OK_SELECT)
 					elog(ERROR, "pg_beat: purge failed");
 				next_purge = TimestampTzPlusMilliseconds(now, PURGE_INTERVAL_MS);

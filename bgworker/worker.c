@@ -57,6 +57,7 @@
 #include "utils/builtins.h"
 #undef json_object				/* and never call it: see http.h */
 #include "utils/jsonb.h"
+#include "utils/datum.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -150,6 +151,8 @@ static SPIPlanPtr plan_claim_op = NULL;
 static SPIPlanPtr plan_next_page = NULL;
 static SPIPlanPtr plan_credentials = NULL;
 static SPIPlanPtr plan_disable_key = NULL;
+static SPIPlanPtr plan_parse = NULL;
+static SPIPlanPtr plan_ingest = NULL;
 
 /* Free our slot when we exit, however we exit. */
 static void
@@ -1045,6 +1048,8 @@ typedef struct Judged
 	char	   *cursor;			/* ok, with a next page */
 	int			page;
 	bool		auth_failed;	/* the key was disabled for it */
+	Datum		model;			/* ok and mapped: what beat.parse made of it */
+	bool		has_model;
 } Judged;
 
 /* The result jsonb of a response, body as it came or as a string. */
@@ -1327,6 +1332,106 @@ judge_request(Judged *j, long status, curl_off_t retry_after, double total_ms)
 }
 
 /*
+ * Parse the answers of succeeded tasks whose provider maps the operation
+ * (beat.mapping), before anything is written: an answer that does not
+ * match fails its task permanently, naming the provider and the path, and
+ * nothing of it is stored.  The models wait in js for ingest_models.
+ */
+static void
+parse_answers(Judged *js, int n)
+{
+	Oid			types[4] = {TEXTARRAYOID, TEXTOID, JSONBARRAYOID, TEXTARRAYOID};
+	Datum		args[4];
+	Datum	   *provs = palloc(sizeof(Datum) * n);
+	Datum	   *results = palloc(sizeof(Datum) * n);
+	Datum	   *params = palloc(sizeof(Datum) * n);
+	int		   *which = palloc(sizeof(int) * n);
+	int			m = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		Judged	   *j = &js[i];
+
+		if (!j->task_outcome || strcmp(j->task_outcome, "ok") != 0 ||
+			provider_of(j->t) == NULL || j->result_null)
+			continue;
+		provs[m] = CStringGetTextDatum(provider_of(j->t)->name);
+		results[m] = j->result;
+		params[m] = CStringGetTextDatum(j->t->params ? j->t->params : "{}");
+		which[m++] = i;
+	}
+	if (m == 0)
+		return;
+	args[0] = make_array(provs, NULL, m, TEXTOID);
+	args[1] = CStringGetTextDatum(cfg.operation);
+	args[2] = make_array(results, NULL, m, JSONBOID);
+	args[3] = make_array(params, NULL, m, TEXTOID);
+	beat_prepare(&plan_parse,
+				 "SELECT ord, model, error FROM beat.parse_results($1, $2, $3, $4)",
+				 4, types);
+	beat_execute(plan_parse, args, NULL, SPI_OK_SELECT);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		int			ord = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
+		Datum		model = SPI_getbinval(tup, desc, 2, &isnull);
+		Judged	   *j;
+
+		if (ord < 1 || ord > m)
+			elog(ERROR, "pg_beat: beat.parse_results returned ordinal %d of %d", ord, m);
+		j = &js[which[ord - 1]];
+		if (!isnull)
+		{
+			j->model = datumCopy(model, false, -1);
+			j->has_model = true;
+			continue;
+		}
+		j->task_outcome = "permanent";
+		j->cursor = NULL;
+		j->error = psprintf("the answer does not match its mapping: %s",
+							SPI_getvalue(tup, desc, 3));
+	}
+}
+
+/*
+ * Store the models of the tasks that succeeded (not those whose lease was
+ * lost): entities, observations and events, in the transaction that
+ * completes them.  Last in the transaction: beat.ingest publishes, and the
+ * lock that orders events is held to the commit.
+ */
+static void
+ingest_models(Judged *js, int n)
+{
+	Oid			types[3] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID};
+	Datum		args[3];
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	Datum	   *provs = palloc(sizeof(Datum) * n);
+	Datum	   *models = palloc(sizeof(Datum) * n);
+	int			m = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		Judged	   *j = &js[i];
+
+		if (!j->has_model || strcmp(j->task_outcome, "ok") != 0 ||
+			strcmp(j->log_outcome, "lost") == 0)
+			continue;
+		ids[m] = Int64GetDatum(j->t->task_id);
+		provs[m] = CStringGetTextDatum(provider_of(j->t)->name);
+		models[m++] = j->model;
+	}
+	if (m == 0)
+		return;
+	args[0] = make_array(ids, NULL, m, INT8OID);
+	args[1] = make_array(provs, NULL, m, TEXTOID);
+	args[2] = make_array(models, NULL, m, JSONBOID);
+	beat_prepare(&plan_ingest, "SELECT beat.ingest($1, $2, $3)", 3, types);
+	beat_execute(plan_ingest, args, NULL, SPI_OK_SELECT);
+}
+
+/*
  * Record every finished transfer in one transaction: a row of
  * beat.http_log each, and for each task whose attempt ended, its new state
  * and result.  A transfer of an operation's task that was rate limited, hit
@@ -1421,6 +1526,8 @@ record_finished(void)
 
 	beat_spi_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
+	if (cfg.is_op && nfinal > 0)
+		parse_answers(js, n);
 	if (nfinal > 0)
 	{
 		Oid			argtypes[8] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID,
@@ -1773,6 +1880,8 @@ record_finished(void)
 					 17, argtypes);
 		beat_execute(plan_log, values, "                 ", SPI_OK_INSERT);
 	}
+	if (cfg.is_op && nfinal > 0)
+		ingest_models(js, n);
 	xact_end(true);
 
 	while (list)

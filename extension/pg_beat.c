@@ -44,6 +44,8 @@ int			beat_max_params_size = 1024 * 1024;
 int			beat_max_workers = 32;
 int			beat_max_response_size = 10 * 1024 * 1024;
 int			beat_http_log_retention = 86400;
+static int	beat_observation_retention = 30 * 86400;
+static int	beat_event_retention = 7 * 86400;
 int			beat_reaper_interval = 1000;
 int			beat_shutdown_grace = 2000;
 char	   *beat_log_redact_params = NULL;
@@ -137,6 +139,26 @@ _PG_init(void)
 							"The launcher deletes older rows; 0 keeps none.",
 							&beat_http_log_retention,
 							86400, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	/* read by beat.purge_data() from pg_settings (in seconds) */
+	DefineCustomIntVariable("beat.observation_retention",
+							"How long rows of beat.observation are kept.",
+							"The launcher deletes older rows; 0 keeps them all.",
+							&beat_observation_retention,
+							30 * 86400, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("beat.event_retention",
+							"How long rows of beat.event are kept.",
+							"The launcher deletes older rows; 0 keeps them all.  "
+							"A consumer away for longer misses what was deleted.",
+							&beat_event_retention,
+							7 * 86400, 0, INT_MAX,
 							PGC_SIGHUP,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
