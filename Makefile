@@ -34,3 +34,9 @@ demo/listen: demo/listen.c
 # Installs what is missing, builds with -Werror, runs every suite.
 test:
 	regress/run-tests
+
+.PHONY: demo
+# Installs what is missing, builds, and runs the main job end to end on a
+# throwaway cluster with the local stand-in providers (demo/run).
+demo:
+	demo/run

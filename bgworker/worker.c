@@ -153,6 +153,7 @@ static SPIPlanPtr plan_credentials = NULL;
 static SPIPlanPtr plan_disable_key = NULL;
 static SPIPlanPtr plan_parse = NULL;
 static SPIPlanPtr plan_ingest = NULL;
+static SPIPlanPtr plan_ingest_failed = NULL;
 
 /* Free our slot when we exit, however we exit. */
 static void
@@ -777,9 +778,10 @@ claim_and_start(int n, TimestampTz *next_due)
 		values[2] = Int32GetDatum(n);
 		if (cfg.is_op)
 			beat_execute(beat_prepare(&plan_claim_op,
-									  "SELECT c.id, c.attempt, c.params::text, t.provider,"
+									  "SELECT c.id, c.attempt, c.params::text,"
+									  " (SELECT t.provider FROM beat.task t WHERE t.id = c.id),"
 									  " (c.params ->> 'page') ~ '^[0-9]{1,9}$' AND (c.params ->> 'page')::int > 1"
-									  " FROM beat.claim($1, $2, $3) c JOIN beat.task t ON t.id = c.id",
+									  " FROM beat.claim($1, $2, $3) c",
 									  3, argtypes),
 						 values, "   ", SPI_OK_SELECT);
 		else
@@ -1428,7 +1430,57 @@ ingest_models(Judged *js, int n)
 	args[1] = make_array(provs, NULL, m, TEXTOID);
 	args[2] = make_array(models, NULL, m, JSONBOID);
 	beat_prepare(&plan_ingest, "SELECT beat.ingest($1, $2, $3)", 3, types);
-	beat_execute(plan_ingest, args, NULL, SPI_OK_SELECT);
+
+	/*
+	 * The models were checked by beat.parse, so this should not fail; if it
+	 * does (a parser's oddity, a constraint), an error here would kill the
+	 * worker and the tasks would come back and kill the next one.  So it
+	 * runs in a subtransaction: on an error, what it wrote goes away and the
+	 * batch's tasks are dead with the reason, instead of succeeded without
+	 * their data.
+	 */
+	{
+		MemoryContext cxt = CurrentMemoryContext;
+		ResourceOwner owner = CurrentResourceOwner;
+
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(cxt);
+		PG_TRY();
+		{
+			beat_execute(plan_ingest, args, NULL, SPI_OK_SELECT);
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+			Oid			dtypes[2] = {INT8ARRAYOID, TEXTOID};
+			Datum		dargs[2];
+
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
+			ereport(WARNING,
+					(errmsg("pg_beat: storing the models of %d tasks of flow \"%s\" failed: %s",
+							m, flow_name, edata->message)));
+			dargs[0] = args[0];
+			dargs[1] = CStringGetTextDatum(psprintf("storing the answer's model failed: %s",
+													edata->message));
+			beat_prepare(&plan_ingest_failed,
+						 "UPDATE beat.task SET state = 'dead', last_error = $2,"
+						 " updated_at = statement_timestamp()"
+						 " WHERE id = ANY ($1) AND state = 'succeeded'",
+						 2, dtypes);
+			beat_execute(plan_ingest_failed, dargs, NULL, SPI_OK_UPDATE);
+			stat_done -= SPI_processed;
+			stat_failed += SPI_processed;
+		}
+		PG_END_TRY();
+	}
 }
 
 /*

@@ -46,7 +46,9 @@ CREATE TABLE beat.entity (
     UNIQUE (platform, kind, key)
 );
 CREATE INDEX entity_parent ON beat.entity (parent_id) WHERE parent_id IS NOT NULL;
-CREATE INDEX entity_last_seen ON beat.entity (platform, kind, last_seen);
+-- for beat.refresh; not (platform, kind, last_seen): the planner would pick
+-- it for the lookups by (platform, kind, key) and filter on key
+CREATE INDEX entity_last_seen ON beat.entity (last_seen);
 
 COMMENT ON TABLE beat.entity IS 'The current state of everything collected: one row per (platform, kind, key) with its dimensions and metrics (merged from every mapping that wrote them), when it was first and last seen, and the provider and task that last wrote it.  Child items link to their parent.';
 
@@ -561,8 +563,8 @@ DECLARE
 BEGIN
     IF jsonb_typeof(model) IS DISTINCT FROM 'object'
        OR coalesce(jsonb_typeof(model->'key'), '') NOT IN ('string', 'number')
-       OR coalesce(model->>'key', '') = '' THEN
-        RAISE EXCEPTION '%: the parser must return an object with a non-empty "key"', what
+       OR coalesce(model->>'key', '') = '' OR length(model->>'key') > 500 THEN
+        RAISE EXCEPTION '%: the parser must return an object with a "key" of 1 to 500 characters', what
             USING ERRCODE = 'data_exception';
     END IF;
     FOREACH part IN ARRAY ARRAY['dimensions', 'metrics'] LOOP

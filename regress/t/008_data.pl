@@ -197,6 +197,19 @@ is(sql(q{SELECT count(*) FROM beat.observation}), $obs_before, 'nor an observati
 is(sql(qq{SELECT count(*) FROM beat.event WHERE topic = 'task.dead'
           AND task_id = (SELECT id FROM beat.task WHERE params->>'handle' = '$nobio')}),
 	'1', 'but a task.dead event');
+# an answer that passes its mapping but cannot be stored (here a trigger
+# of the user's refuses it) kills its tasks, not the worker
+my $wpid = sql(q{SELECT pid FROM beat.worker_status WHERE flow = 'profiles'});
+sql(q{CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NEW.key = 'poison' THEN RAISE EXCEPTION 'no poison here'; END IF; RETURN NEW; END $$});
+sql(q{CREATE TRIGGER refuse_poison BEFORE INSERT ON beat.entity FOR EACH ROW EXECUTE FUNCTION refuse_poison()});
+enqueue_profiles('profiles', 'poison');
+ok(settle('profiles'), 'an answer whose entity cannot be stored');
+is(sql(q{SELECT state || ': ' || last_error FROM beat.task WHERE params->>'handle' = 'poison'}),
+	"dead: storing the answer's model failed: no poison here", 'kills its task, saying why');
+is(sql(q{SELECT pid FROM beat.worker_status WHERE flow = 'profiles'}), $wpid, 'not the worker');
+sql(q{DROP TRIGGER refuse_poison ON beat.entity});
+
 (my $lax = $spec{bravo}) =~ s/'/''/g;
 sql(qq{SELECT beat.set_mapping('bravo', 'profile', 'social', 'profile', '$lax')});
 sql(q{DELETE FROM beat.route WHERE operation = 'profile'});
