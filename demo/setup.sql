@@ -1,9 +1,8 @@
 -- demo/setup.sql — what `make demo` configures; run by demo/run with
 --   psql -v base=http://127.0.0.1:PORT -v dead=http://127.0.0.1:1
 -- Two platforms.  "social" has four providers with different JSON shapes:
--- acme (steady), bravo (flaky: 5xx and 429 with Retry-After), zulu (dead:
--- nothing listens there) and charlie (the fallback, rank 2).  "video" has
--- delta.  Every provider has two keys; stacked limits hold every call.
+-- acme and charlie (steady), bravo (flaky: 5xx and 429 with Retry-After)
+-- and zulu (dead: nothing listens there).  "video" has delta.  Every provider has two keys; stacked limits hold every call.
 \set ON_ERROR_STOP on
 \set QUIET on
 CREATE EXTENSION pg_beat;
@@ -27,7 +26,7 @@ SELECT name FROM beat.set_provider('acme', base_url => :'base' || '/acme/v1',
 SELECT name FROM beat.set_provider('bravo', base_url => :'base' || '/bravo/api',
     operations => '{"profile": {"url": "/user", "query": {"username": "{{handle}}",
                                 "fail_pct": "4", "limit_pct": "6", "limit_retry_after": "1"}}}',
-    limits => ARRAY['key:{{credential}}']);
+    limits => ARRAY['key:{{credential}}'], rest_cap => '3 seconds');
 SELECT name FROM beat.set_provider('zulu', base_url => :'dead' || '/v2',
     operations => '{"profile": {"url": "/people/{{handle}}"}}',
     breaker_failures => 3, breaker_min_calls => 5, breaker_cooldown => '20 seconds',
@@ -44,12 +43,13 @@ SELECT count(beat.add_credential(p, jsonb_build_object('headers',
            jsonb_build_object('X-Api-Key', p || '-key-' || k)), 'key ' || k))
 FROM unnest(ARRAY['acme', 'bravo', 'zulu', 'charlie', 'delta']) AS p, generate_series(1, 2) AS k;
 
--- Routes: acme, bravo and zulu share the profile traffic; charlie takes
--- over when they cannot serve.
-SELECT provider FROM beat.set_route('profile', 'acme', rank => 1, weight => 3);
-SELECT provider FROM beat.set_route('profile', 'bravo', rank => 1, weight => 2);
+-- Routes: acme, bravo, charlie and zulu share the profile traffic by
+-- weight; a call that fails on one (zulu always, bravo at times) goes on to
+-- another in the same attempt, and zulu's breaker opens.
+SELECT provider FROM beat.set_route('profile', 'acme', rank => 1, weight => 4);
+SELECT provider FROM beat.set_route('profile', 'bravo', rank => 1, weight => 3);
+SELECT provider FROM beat.set_route('profile', 'charlie', rank => 1, weight => 2);
 SELECT provider FROM beat.set_route('profile', 'zulu', rank => 1, weight => 1);
-SELECT provider FROM beat.set_route('profile', 'charlie', rank => 2);
 SELECT provider FROM beat.set_route('posts', 'acme');
 SELECT provider FROM beat.set_route('channel', 'delta');
 
