@@ -58,6 +58,7 @@
 #undef json_object				/* and never call it: see http.h */
 #include "utils/jsonb.h"
 #include "utils/datum.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -1371,7 +1372,25 @@ parse_answers(Judged *js, int n)
 	beat_prepare(&plan_parse,
 				 "SELECT ord, model, error FROM beat.parse_results($1, $2, $3, $4)",
 				 4, types);
-	beat_execute(plan_parse, args, NULL, SPI_OK_SELECT);
+
+	/*
+	 * A mapping may name a parser function, which runs here, in a superuser
+	 * session.  Run it as a restricted operation, and take back whatever
+	 * settings it changed (a search_path set for the session would change
+	 * what the worker's own statements call).
+	 */
+	{
+		Oid			userid;
+		int			sec;
+		int			nest;
+
+		GetUserIdAndSecContext(&userid, &sec);
+		SetUserIdAndSecContext(userid, sec | SECURITY_RESTRICTED_OPERATION);
+		nest = NewGUCNestLevel();
+		beat_execute(plan_parse, args, NULL, SPI_OK_SELECT);
+		AtEOXact_GUC(false, nest);
+		SetUserIdAndSecContext(userid, sec);
+	}
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[r];
@@ -1436,8 +1455,8 @@ ingest_models(Judged *js, int n)
 	 * does (a parser's oddity, a constraint), an error here would kill the
 	 * worker and the tasks would come back and kill the next one.  So it
 	 * runs in a subtransaction: on an error, what it wrote goes away and the
-	 * batch's tasks are dead with the reason, instead of succeeded without
-	 * their data.
+	 * batch's tasks are dead with the reason (or retried, after a deadlock),
+	 * instead of succeeded without their data.
 	 */
 	{
 		MemoryContext cxt = CurrentMemoryContext;
@@ -1455,8 +1474,9 @@ ingest_models(Judged *js, int n)
 		PG_CATCH();
 		{
 			ErrorData  *edata;
-			Oid			dtypes[2] = {INT8ARRAYOID, TEXTOID};
-			Datum		dargs[2];
+			Oid			dtypes[3] = {INT8ARRAYOID, TEXTOID, BOOLOID};
+			Datum		dargs[3];
+			bool		transient;
 
 			MemoryContextSwitchTo(cxt);
 			edata = CopyErrorData();
@@ -1467,14 +1487,25 @@ ingest_models(Judged *js, int n)
 			ereport(WARNING,
 					(errmsg("pg_beat: storing the models of %d tasks of flow \"%s\" failed: %s",
 							m, flow_name, edata->message)));
+			/* a deadlock or a lock or serialization failure may pass: retry */
+			transient = edata->sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED ||
+				edata->sqlerrcode == ERRCODE_T_R_SERIALIZATION_FAILURE ||
+				edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE;
 			dargs[0] = args[0];
 			dargs[1] = CStringGetTextDatum(psprintf("storing the answer's model failed: %s",
 													edata->message));
+			dargs[2] = BoolGetDatum(transient);
 			beat_prepare(&plan_ingest_failed,
-						 "UPDATE beat.task SET state = 'dead', last_error = $2,"
-						 " updated_at = statement_timestamp()"
+						 "UPDATE beat.task SET"
+						 " state = CASE WHEN $3 AND attempts < max_attempts"
+						 "   THEN 'failed'::beat.task_state ELSE 'dead'::beat.task_state END,"
+						 " finished_at = CASE WHEN $3 AND attempts < max_attempts"
+						 "   THEN NULL ELSE finished_at END,"
+						 " run_at = CASE WHEN $3 THEN statement_timestamp() + interval '1 second'"
+						 "   ELSE run_at END,"
+						 " last_error = $2, updated_at = statement_timestamp()"
 						 " WHERE id = ANY ($1) AND state = 'succeeded'",
-						 2, dtypes);
+						 3, dtypes);
 			beat_execute(plan_ingest_failed, dargs, NULL, SPI_OK_UPDATE);
 			stat_done -= SPI_processed;
 			stat_failed += SPI_processed;

@@ -109,6 +109,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n integer;
+    notified integer;
 BEGIN
     IF events IS NULL OR jsonb_typeof(events) <> 'array' OR jsonb_array_length(events) = 0 THEN
         RETURN 0;
@@ -123,12 +124,21 @@ BEGIN
         FROM jsonb_array_elements(events) WITH ORDINALITY AS x(e, ord)
         ORDER BY x.ord
         RETURNING id, topic, key)
-    -- the payload stays far below NOTIFY's 8000 bytes: no changes, a short key
-    SELECT count(pg_notify('beat_events',
-                           json_build_object('id', s.id, 'topic', s.topic,
-                                             'key', left(s.key, 200))::text))
-    INTO n
+    -- The payload stays far below NOTIFY's 8000 bytes: no changes, a short
+    -- key.  When the notification queue is nearly full (a listener that
+    -- stopped reading in an open transaction holds it), the events are
+    -- still written but not notified: a full queue would make the commit
+    -- fail, and every worker with it.  Readers catch up by id.
+    SELECT count(CASE WHEN pg_notification_queue_usage() < 0.9 THEN
+                     pg_notify('beat_events', json_build_object('id', s.id, 'topic', s.topic,
+                                                                'key', left(s.key, 200))::text) END),
+           count(*)
+    INTO notified, n
     FROM (SELECT * FROM ins ORDER BY id) s;
+    IF notified < n THEN
+        RAISE LOG 'pg_beat: the notification queue is nearly full: % of % events not notified (read them with beat.events_since)',
+            n - notified, n;
+    END IF;
     RETURN n;
 END;
 $$;
@@ -395,6 +405,11 @@ BEGIN
         PERFORM beat.check_spec(spec);
     ELSE
         PERFORM beat.check_parser(parser);
+        IF NOT has_function_privilege(session_user, parser, 'EXECUTE') THEN
+            RAISE EXCEPTION 'permission denied for parser %', parser
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'The role that maps must be allowed to execute the parser.';
+        END IF;
     END IF;
     INSERT INTO beat.mapping AS x (provider, operation, platform, kind, spec, parser)
     VALUES (provider, operation, platform, kind, spec, parser::text)
@@ -540,12 +555,16 @@ LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v jsonb := beat.mapped_value(doc, vars, to_jsonb(path), false, what || ', key');
+    k text;
 BEGIN
-    IF jsonb_typeof(v) NOT IN ('string', 'number') OR v #>> '{}' = '' OR length(v #>> '{}') > 500 THEN
+    -- one spelling per key: 123, 123.0 and 1.23e2 are "123"; " alice" is "alice"
+    k := CASE jsonb_typeof(v) WHEN 'number' THEN trim_scale(v::numeric)::text
+                              WHEN 'string' THEN btrim(v #>> '{}') END;
+    IF k IS NULL OR k = '' OR length(k) > 500 THEN
         RAISE EXCEPTION '%, key: % at path % is not a non-empty string or number (up to 500 characters)',
             what, left(v::text, 100), path USING ERRCODE = 'invalid_text_representation';
     END IF;
-    RETURN v #>> '{}';
+    RETURN k;
 END;
 $$;
 
@@ -614,6 +633,7 @@ DECLARE
     vars jsonb;
     spec jsonb;
     items jsonb := '[]';
+    listed jsonb;
     item jsonb;
     i integer := 0;
     model jsonb;
@@ -643,9 +663,19 @@ BEGIN
                                'headers', coalesce(result->'headers', '{}'),
                                'status', coalesce(result->'status', 'null'));
     IF spec ? 'items' THEN
-        FOR item IN SELECT value FROM jsonb_array_elements(
-                jsonb_path_query_array(body, (spec->'items'->>'path')::jsonpath, vars)) LOOP
+        listed := jsonb_path_query_array(body, (spec->'items'->>'path')::jsonpath, vars);
+        -- a path to the list itself ($.data rather than $.data[*]) means its elements
+        IF jsonb_array_length(listed) = 1 AND jsonb_typeof(listed->0) = 'array' THEN
+            listed := listed->0;
+        END IF;
+        FOR item IN SELECT value FROM jsonb_array_elements(listed) LOOP
             i := i + 1;
+            -- "data": null is no items, not an item without a key
+            CONTINUE WHEN jsonb_typeof(item) = 'null';
+            IF jsonb_typeof(item) <> 'object' THEN
+                RAISE EXCEPTION '%, item %: % is not an object', what, i, left(item::text, 100)
+                    USING ERRCODE = 'data_exception';
+            END IF;
             items := items || jsonb_build_array(jsonb_build_object(
                 'kind', spec->'items'->>'kind',
                 'key', beat.mapped_key(item, vars, spec->'items'->>'key', format('%s, item %s', what, i)),
@@ -684,8 +714,9 @@ BEGIN
         error := NULL;
         BEGIN
             model := beat.parse(providers[i], operation, results[i], params[i]::jsonb);
-        EXCEPTION WHEN OTHERS THEN
-            error := SQLERRM;
+        EXCEPTION WHEN OTHERS OR assert_failure THEN
+            error := CASE WHEN SQLERRM LIKE 'provider "%' THEN SQLERRM
+                          ELSE format('provider "%s", operation "%s": %s', providers[i], operation, SQLERRM) END;
         END;
         RETURN NEXT;
     END LOOP;
@@ -746,7 +777,7 @@ BEGIN
               SELECT r->>'platform', r->>'kind', r->>'key' FROM jsonb_array_elements(entities) AS r
               WHERE r->'dimensions' <> '{}' OR r->'metrics' <> '{}')
           ORDER BY e.platform, e.kind, e.key
-          FOR UPDATE) l;
+          FOR NO KEY UPDATE) l;
 
     WITH src AS (
         SELECT DISTINCT ON (r->>'platform', r->>'kind', r->>'key')
@@ -868,7 +899,9 @@ $$;
 -- Enqueue a refresh in flow for each entity of (platform, kind) not seen
 -- for stale_after, oldest first, up to max_tasks: params {param: key}, with
 -- idempotency key 'beat:refresh:<entity id>', so a run that overlaps one
--- whose tasks are still live adds nothing.  Returns how many it enqueued.
+-- whose tasks are still live adds nothing; an entity whose last refresh
+-- died is tried again only after stale_after.  Returns how many it
+-- enqueued.
 -- pg_cron calls it, e.g.
 --   SELECT cron.schedule('refresh-profiles', '*/5 * * * *',
 --     $$SELECT beat.refresh('profiles', 'social', 'profile', '1 hour')$$);
@@ -903,7 +936,8 @@ BEGIN
             AND NOT EXISTS (SELECT 1 FROM beat.task t
                             WHERE t.flow = refresh.flow
                               AND t.idempotency_key = 'beat:refresh:' || e.id
-                              AND t.state IN ('pending', 'scheduled', 'running', 'failed'))
+                              AND (t.state IN ('pending', 'scheduled', 'running', 'failed')
+                                   OR (t.state = 'dead' AND t.finished_at > now() - stale_after)))
           ORDER BY e.last_seen, e.id
           LIMIT max_tasks) e;
     IF params IS NULL THEN

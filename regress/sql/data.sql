@@ -41,6 +41,27 @@ SELECT beat.parse('acme', 'posts', '{"status": 200, "body": {"data": [
     {"id": 2, "like_count": 7, "comment_count": 0}]}}', '{"handle": "alice"}');
 SELECT beat.parse('acme', 'posts', '{"status": 200, "body": {"data": []}}', '{"handle": "alice"}');
 
+-- One spelling per key: numbers normalised, strings trimmed.  "data": null
+-- is no items; a path to the list itself means its elements.
+SELECT beat.parse('acme', 'posts', '{"body": {"data": [{"id": 1.50, "like_count": 1, "comment_count": 1},
+    {"id": " p2 ", "like_count": 1, "comment_count": 1}, {"id": 3e2, "like_count": 1, "comment_count": 1}]}}',
+    '{"handle": 42.0}')->'items' @? '$[*] ? (@.key == "1.5")' AS normalised,
+    beat.parse('acme', 'posts', '{"body": {"data": [{"id": " p2 ", "like_count": 1, "comment_count": 1}]}}',
+    '{"handle": 42.0}') #>> '{items,0,key}' AS trimmed,
+    beat.parse('acme', 'posts', '{"body": {"data": []}}', '{"handle": 4.20e1}')->>'key' AS number_key;
+SELECT beat.parse('acme', 'posts', '{"body": {"data": null}}', '{"handle": "a"}')->'items' AS null_list;
+SELECT provider FROM beat.set_mapping('acme', 'posts', 'social', 'profile', '{"key": "$params.handle",
+    "items": {"path": "$.data", "kind": "post", "key": "$.id"}}');
+SELECT jsonb_array_length(beat.parse('acme', 'posts', '{"body": {"data": [{"id": 1}, {"id": 2}]}}',
+    '{"handle": "a"}')->'items') AS unwrapped;
+SELECT beat.parse('acme', 'posts', '{"body": {"data": [{"id": 1}, 7]}}', '{"handle": "a"}');
+SELECT provider FROM beat.set_mapping('acme', 'posts', 'social', 'profile', '{
+    "key": "$params.handle",
+    "items": {"path": "$.data[*]", "kind": "post", "key": "$.id",
+              "dimensions": {"caption": {"path": "$.caption", "optional": true}},
+              "metrics": {"likes": {"path": "$.like_count", "type": "integer"},
+                          "comments": {"path": "$.comment_count", "type": "integer"}}}}');
+
 -- Answers that do not match: each error names the provider and the path.
 SELECT beat.parse('bravo', 'profile', '{"body": {"user": {"handle": "a", "name": "A",
     "stats": {"followers": "12k"}, "engagement_rate": "1"}}}');
@@ -100,7 +121,19 @@ ALTER FUNCTION first_user(jsonb, jsonb) SECURITY DEFINER;
 SELECT beat.parse('bravo', 'profile', '{"body": {"users": [{"name": "zed"}]}}')->>'key';
 DROP FUNCTION first_user(jsonb, jsonb);
 SELECT beat.parse('bravo', 'profile', '{"body": {"users": []}}');
+-- a parser the mapping role may not execute is refused
+CREATE FUNCTION private_parser(body jsonb, result jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT body $$;
+REVOKE EXECUTE ON FUNCTION private_parser(jsonb, jsonb) FROM PUBLIC;
+CREATE ROLE mapping_admin IN ROLE beat_admin;
+SET SESSION AUTHORIZATION mapping_admin;
+SELECT beat.set_mapping('bravo', 'profile', 'social', 'profile', parser => 'private_parser(jsonb, jsonb)');
+RESET SESSION AUTHORIZATION;
+DROP FUNCTION private_parser(jsonb, jsonb);
 SELECT beat.drop_mapping('bravo', 'profile');
+SELECT beat.drop_mapping('bravo', 'profile');
+-- errors from JSONPath itself name the provider too
+SELECT provider FROM beat.set_mapping('bravo', 'profile', 'social', 'profile', '{"key": "$nope.x"}');
+SELECT ord, error FROM beat.parse_results(ARRAY['bravo'], 'profile', ARRAY['{"body": {}}']::jsonb[], ARRAY['{}']);
 SELECT beat.drop_mapping('bravo', 'profile');
 
 -- The worker's entry points: parse_results gives a row per mapped answer.
@@ -169,6 +202,12 @@ UPDATE beat.entity SET last_seen = now() - interval '2 hours' WHERE kind = 'prof
 SELECT beat.refresh('profiles', 'social', 'profile', '1 hour');
 SELECT beat.refresh('profiles', 'social', 'profile', '1 hour');
 SELECT params, idempotency_key FROM beat.task WHERE idempotency_key LIKE 'beat:refresh:%';
+-- a refresh that died is not tried again before stale_after
+UPDATE beat.task SET state = 'dead', finished_at = now(), last_error = 'gone'
+WHERE idempotency_key LIKE 'beat:refresh:%';
+SELECT beat.refresh('profiles', 'social', 'profile', '1 hour');
+UPDATE beat.task SET finished_at = now() - interval '2 hours' WHERE idempotency_key LIKE 'beat:refresh:%';
+SELECT beat.refresh('profiles', 'social', 'profile', '1 hour');
 SELECT beat.refresh('profiles', 'social', 'post', '1 hour');
 SELECT beat.refresh('nope', 'social', 'profile', '1 hour');
 SELECT beat.refresh('profiles', 'social', 'profile', '-1 hour');
@@ -203,4 +242,4 @@ SELECT beat.parse('acme', 'profile', '{"body": {"data": {"username": "z"}}}')->>
 RESET ROLE;
 
 DROP EXTENSION pg_beat;
-DROP ROLE data_reader, data_admin, mapping_author;
+DROP ROLE data_reader, data_admin, mapping_author, mapping_admin;

@@ -210,6 +210,20 @@ is(sql(q{SELECT state || ': ' || last_error FROM beat.task WHERE params->>'handl
 is(sql(q{SELECT pid FROM beat.worker_status WHERE flow = 'profiles'}), $wpid, 'not the worker');
 sql(q{DROP TRIGGER refuse_poison ON beat.entity});
 
+# a parser runs restricted, and what it sets for the session is undone
+sql(qq{SELECT beat.set_provider('echo', base_url => '$BASE', operations => '{"echo": {"url": "/json"}}')});
+sql(q{SELECT beat.set_route('echo', 'echo')});
+sql(q{CREATE FUNCTION sneaky(body jsonb, result jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+      BEGIN PERFORM set_config('application_name', 'hijacked', false);
+            RETURN jsonb_build_object('key', body->>'path'); END $$});
+sql(q{SELECT beat.set_mapping('echo', 'echo', 'web', 'page', parser => 'sneaky(jsonb, jsonb)')});
+sql(q{SELECT beat.create_flow('echo', operation => 'echo', workers => 1)});
+sql(q{SELECT beat.enqueue('echo', '{"n": 1}')});
+ok(settle('echo'), 'a parser that sets application_name for the session');
+is(sql(q{SELECT count(*) FROM beat.entity WHERE platform = 'web' AND key = '/json'}), '1', 'made its entity');
+isnt(sql(q{SELECT a.application_name FROM pg_stat_activity a JOIN beat.worker_status w ON w.pid = a.pid
+           WHERE w.flow = 'echo'}), 'hijacked', 'and the worker\'s setting was put back');
+
 (my $lax = $spec{bravo}) =~ s/'/''/g;
 sql(qq{SELECT beat.set_mapping('bravo', 'profile', 'social', 'profile', '$lax')});
 sql(q{DELETE FROM beat.route WHERE operation = 'profile'});
