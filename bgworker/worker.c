@@ -155,6 +155,7 @@ static SPIPlanPtr plan_disable_key = NULL;
 static SPIPlanPtr plan_parse = NULL;
 static SPIPlanPtr plan_ingest = NULL;
 static SPIPlanPtr plan_ingest_failed = NULL;
+static SPIPlanPtr plan_extend = NULL;
 
 /* Free our slot when we exit, however we exit. */
 static void
@@ -1738,6 +1739,36 @@ record_finished(void)
 				js[i].log_outcome = "lost";
 				js[i].cursor = NULL;
 			}
+		}
+	}
+
+	/*
+	 * A task that goes on in another call (a fallback, another key) keeps
+	 * its lease: each call may take the provider's whole timeout, and a
+	 * lease that ran out meanwhile would hand the task to another worker.
+	 */
+	{
+		int			nh = 0;
+		Datum	   *hids = palloc(sizeof(Datum) * n);
+
+		for (i = 0; i < n; i++)
+			if (!js[i].task_outcome)
+				hids[nh++] = Int64GetDatum(js[i].t->task_id);
+		if (nh > 0)
+		{
+			Oid			types[2] = {INT8ARRAYOID, TEXTOID};
+			Datum		args[2];
+
+			args[0] = make_array(hids, NULL, nh, INT8OID);
+			args[1] = CStringGetTextDatum(worker_name);
+			beat_prepare(&plan_extend,
+						 "UPDATE beat.task t SET lease_expires_at ="
+						 " greatest(t.lease_expires_at, statement_timestamp() + f.lease)"
+						 " FROM beat.flow f"
+						 " WHERE t.id = ANY ($1) AND t.state = 'running' AND t.lease_owner = $2"
+						 "   AND f.name = t.flow",
+						 2, types);
+			beat_execute(plan_extend, args, NULL, SPI_OK_UPDATE);
 		}
 	}
 

@@ -285,6 +285,27 @@ is(sql(q{SELECT outcome FROM beat.http_log WHERE flow = 'plain'}), 'refused', 'l
 $node->append_conf('postgresql.conf', 'beat.allow_private_addresses = on');
 $node->reload;
 
+# ------------------------------------------------ a long hop keeps its lease
+# three providers, each 0.7 s; the first two answer 503: one attempt of
+# 2.1 s, twice the flow's 1 s lease.  Each call that goes on renews it, so
+# the reaper leaves the task alone and it is called three times, not more.
+for my $h ([ 'hop1', 1, '503' ], [ 'hop2', 2, '503' ], [ 'hop3', 3, '200' ])
+{
+	my ($name, $rank, $status) = @$h;
+	sql(qq{SELECT beat.set_provider('$name', base_url => '$BASE',
+	        operations => '{"slow": {"url": "/json", "query": {"delay_ms": "700", "status": "$status",
+	                                                          "key": "$name"}}}')});
+	sql(qq{SELECT beat.set_route('slow', '$name', rank => $rank)});
+}
+sql(q{SELECT beat.create_flow('slow', operation => 'slow', workers => 1, lease => '1 second')});
+my $slow = sql(q{SELECT beat.enqueue('slow', '{}')});
+ok(settle('slow'), 'a task that falls back twice, each call 0.7 s');
+is(sql(qq{SELECT state || ' ' || attempts FROM beat.task WHERE id = $slow}), 'succeeded 1',
+	'succeeds in its one attempt, past its 1 s lease');
+is(sql(qq{SELECT string_agg(provider || ':' || outcome, ' ' ORDER BY id) FROM beat.http_log
+          WHERE task_id = $slow}), 'hop1:fallback hop2:fallback hop3:ok',
+	'three calls, none lost to the reaper');
+
 # ------------------------------------------------ secrets
 # an upstream that echoes the key back: the result must not keep it
 sql(qq{SELECT beat.set_provider('echoer', base_url => '$BASE',
