@@ -1237,6 +1237,7 @@ judge_provider(Judged *j, long status, curl_off_t retry_after, double total_ms)
 	{
 		case VERDICT_OK:
 			beat_breaker_report(p->name, &p->breaker, true, NULL, now);
+			beat_provider_served(p->name);
 			if (cred_id)
 				beat_credential_ok(cred_id);
 			j->log_outcome = "ok";

@@ -74,6 +74,7 @@ typedef struct ProviderEntry
 	int			window_calls;
 	int			window_failures;
 	TimestampTz limited_until;	/* every key got 429: the provider's limit */
+	int			limited_streak; /* such limits in a row, no success between */
 	uint64		calls;
 	uint64		failures;
 	uint64		fallbacks;
@@ -299,6 +300,52 @@ beat_breaker_report(const char *provider, const BeatBreakerConfig *c, bool ok,
 	LWLockRelease(provider_lock);
 }
 
+/*
+ * The provider's own limit was hit (every key got 429, or it has no key):
+ * wait the longer of its Retry-After and a rest that doubles with each such
+ * limit in a row (from rest_base to rest_cap, with jitter), until a call
+ * succeeds again.  Called with provider_lock held.
+ */
+static TimestampTz
+provider_limited(ProviderEntry *p, int64 wait_us, int64 rest_base_us, int64 rest_cap_us,
+				 TimestampTz now)
+{
+	int64		ttl = rest_base_us;
+	TimestampTz until;
+
+	if (p == NULL)
+		return now + Max(wait_us, rest_base_us);
+	p->limited_streak = Min(p->limited_streak + 1, 40);
+	for (int i = 1; i < p->limited_streak && ttl < rest_cap_us; i++)
+		ttl *= 2;
+	ttl = Min(ttl, rest_cap_us);
+	if (p->limited_streak > 1)
+		ttl = ttl / 2 + (int64) (pg_prng_double(&pg_global_prng_state) * (ttl / 2));
+	until = now + Max(wait_us, Max(ttl, rest_base_us));
+	p->limited_until = Max(p->limited_until, until);
+	return until;
+}
+
+void
+beat_provider_served(const char *provider)
+{
+	ProviderEntry *e;
+
+	LWLockAcquire(provider_lock, LW_SHARED);
+	e = provider_entry(provider, false);
+	if (e != NULL && e->limited_streak == 0)
+	{
+		LWLockRelease(provider_lock);
+		return;
+	}
+	LWLockRelease(provider_lock);
+	LWLockAcquire(provider_lock, LW_EXCLUSIVE);
+	e = provider_entry(provider, false);
+	if (e != NULL)
+		e->limited_streak = 0;
+	LWLockRelease(provider_lock);
+}
+
 void
 beat_provider_count_fallback(const char *provider)
 {
@@ -388,12 +435,9 @@ beat_credential_limited(const char *provider, const int64 *ids, int n, int64 id,
 	if (e == NULL)
 	{
 		/* no key (or no room to remember it): the provider waits */
-		ProviderEntry *p = provider_entry(provider, true);
-
-		*rest_until = now + Max(wait_us, rest_base_us);
+		*rest_until = provider_limited(provider_entry(provider, true), wait_us,
+									   rest_base_us, rest_cap_us, now);
 		*streak = 0;
-		if (p != NULL)
-			p->limited_until = Max(p->limited_until, *rest_until);
 		LWLockRelease(provider_lock);
 		return true;
 	}
@@ -423,8 +467,8 @@ beat_credential_limited(const char *provider, const int64 *ids, int n, int64 id,
 	}
 	if (together)
 	{
-		ProviderEntry *p = provider_entry(provider, true);
-		TimestampTz until = now + Max(wait_us, rest_base_us);
+		TimestampTz until = provider_limited(provider_entry(provider, true), wait_us,
+											 rest_base_us, rest_cap_us, now);
 
 		for (int i = 0; i < n; i++)
 		{
@@ -437,8 +481,6 @@ beat_credential_limited(const char *provider, const int64 *ids, int n, int64 id,
 				o->last_429 = 0;
 			}
 		}
-		if (p != NULL)
-			p->limited_until = Max(p->limited_until, until);
 		*rest_until = until;
 		*streak = e->streak;
 	}

@@ -40,6 +40,9 @@ extern bool beat_breaker_admit(const char *provider, const BeatBreakerConfig *c,
 extern void beat_breaker_report(const char *provider, const BeatBreakerConfig *c,
 								bool ok, const char *error, TimestampTz now);
 
+/* A call of provider succeeded: its own limit's back-off starts over. */
+extern void beat_provider_served(const char *provider);
+
 /* A transfer moved on from provider to the next in its chain. */
 extern void beat_provider_count_fallback(const char *provider);
 

@@ -306,6 +306,24 @@ is(sql(qq{SELECT string_agg(provider || ':' || outcome, ' ' ORDER BY id) FROM be
           WHERE task_id = $slow}), 'hop1:fallback hop2:fallback hop3:ok',
 	'three calls, none lost to the reaper');
 
+# ------------------------------------------------ the provider's own limit backs off
+# one key, 429 without Retry-After four times: each 429 is the provider's
+# limit, and the waits double from rest_base (0.2 s): at least 0.2 + 0.2 +
+# 0.4 + 0.8 s with jitter, where a flat wait would take 0.8 s.
+sql(qq{SELECT beat.set_provider('lone', base_url => '$BASE', rest_base => '200 ms',
+        operations => '{"ping": {"url": "/json", "query": {"key": "lone"}}}')});
+add_key(q{SELECT beat.add_credential('lone', '{"headers": {"X-Api-Key": "lone-key"}}')});
+sql(q{SELECT beat.set_route('ping', 'lone')});
+sql(q{SELECT beat.create_flow('lone', operation => 'ping', workers => 1)});
+faults({ 'lone-key' => { status => 429, count => 4 } });
+my $lone = sql(q{SELECT beat.enqueue('lone', '{}')});
+ok(settle('lone'), 'a task whose only key gets 429 four times');
+is(sql(qq{SELECT string_agg(outcome, ' ' ORDER BY id) FROM beat.http_log WHERE task_id = $lone}),
+	'rate_limited rate_limited rate_limited rate_limited ok', 'waits four times, then succeeds');
+cmp_ok(sql(qq{SELECT extract(epoch FROM finished_at - created_at) FROM beat.task WHERE id = $lone}),
+	'>=', 1.5, 'the waits doubled (at least 1.6 s in all, not 0.8 s)');
+faults(undef);
+
 # ------------------------------------------------ secrets
 # an upstream that echoes the key back: the result must not keep it
 sql(qq{SELECT beat.set_provider('echoer', base_url => '$BASE',
