@@ -94,7 +94,11 @@ result_body(Datum result)
 	return isnull ? (Datum) 0 : body;
 }
 
-/* The first value path gives on jsonb doc (silently: no match is no value). */
+/*
+ * The first value path gives on jsonb doc (silently: no match is no value).
+ * The _tz variant: a datetime comparison between values with and without a
+ * time zone would otherwise raise, and an error here kills the worker.
+ */
 static bool
 path_first(Datum doc, Datum path, Datum *out)
 {
@@ -107,7 +111,7 @@ path_first(Datum doc, Datum path, Datum *out)
 	args[1] = path;
 	args[2] = empty_vars;
 	args[3] = BoolGetDatum(true);
-	*out = call_nullable(jsonb_path_query_first, 4, args, &isnull);
+	*out = call_nullable(jsonb_path_query_first_tz, 4, args, &isnull);
 	return !isnull;
 }
 

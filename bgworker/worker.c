@@ -1579,6 +1579,9 @@ record_finished(void)
 		}
 		j->status = status;
 
+		/* a call that was not made gives its breaker probe back */
+		if ((t->build_error || t->refused[0]) && provider_of(t))
+			beat_breaker_release(provider_of(t)->name);
 		if (t->build_error)
 		{
 			j->log_outcome = j->task_outcome = "permanent";
@@ -2025,6 +2028,8 @@ hand_back_inflight(void)
 
 		inflight = t->next;
 		ids[n++] = Int64GetDatum(t->task_id);
+		if (provider_of(t))
+			beat_breaker_release(provider_of(t)->name);
 		curl_multi_remove_handle(multi, t->easy);
 		transfer_free(t);
 	}

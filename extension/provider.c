@@ -347,6 +347,18 @@ beat_provider_served(const char *provider)
 }
 
 void
+beat_breaker_release(const char *provider)
+{
+	ProviderEntry *e;
+
+	LWLockAcquire(provider_lock, LW_EXCLUSIVE);
+	e = provider_entry(provider, false);
+	if (e != NULL && e->state == BREAKER_HALF_OPEN && e->probes_used > 0)
+		e->probes_used--;
+	LWLockRelease(provider_lock);
+}
+
+void
 beat_provider_count_fallback(const char *provider)
 {
 	ProviderEntry *e;

@@ -40,6 +40,13 @@ extern bool beat_breaker_admit(const char *provider, const BeatBreakerConfig *c,
 extern void beat_breaker_report(const char *provider, const BeatBreakerConfig *c,
 								bool ok, const char *error, TimestampTz now);
 
+/*
+ * An admitted call was never made (its request could not be built, its host
+ * was refused, or its worker stopped): a half-open breaker gets its probe
+ * back at once instead of after the cool-down.
+ */
+extern void beat_breaker_release(const char *provider);
+
 /* A call of provider succeeded: its own limit's back-off starts over. */
 extern void beat_provider_served(const char *provider);
 

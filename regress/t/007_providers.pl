@@ -324,6 +324,33 @@ cmp_ok(sql(qq{SELECT extract(epoch FROM finished_at - created_at) FROM beat.task
 	'>=', 1.5, 'the waits doubled (at least 1.6 s in all, not 0.8 s)');
 faults(undef);
 
+# ------------------------------------------------ a probe that was never sent is given back
+# the breaker opens (one 503, cool-down 3 s) and half-opens; its one probe
+# goes to a task whose request cannot be built.  That call was never made,
+# so the next task probes at once instead of after another cool-down.
+sql(qq{SELECT beat.set_provider('probed', base_url => '$BASE', breaker_failures => 1,
+        breaker_cooldown => '3 seconds', breaker_probes => 1,
+        operations => '{"probe": {"url": "/json", "query": {"key": "probed", "id": "{{id}}"}}}')});
+add_key(q{SELECT beat.add_credential('probed', '{"headers": {"X-Api-Key": "probed-key"}}')});
+sql(q{SELECT beat.set_route('probe', 'probed')});
+sql(q{SELECT beat.create_flow('probe', operation => 'probe', workers => 1, max_attempts => 1)});
+faults({ 'probed-key' => { status => 503, count => 1 } });
+sql(q{SELECT beat.enqueue('probe', '{"id": 1}')});
+ok(settle('probe'), 'a 503 opens the breaker');
+ok( wait_for(q{SELECT breaker = 'half-open' OR (breaker = 'open' AND open_until <= now())
+               FROM beat.provider_health WHERE provider = 'probed'}, 10),
+	'which half-opens after its cool-down');
+my $unbuilt = sql(q{SELECT beat.enqueue('probe', '{"no_id": 1}')});
+ok(settle('probe'), 'a task whose request cannot be built takes the probe');
+like(sql(qq{SELECT last_error FROM beat.task WHERE id = $unbuilt}), qr/request not sent/, 'and is not sent');
+my $next = sql(q{SELECT beat.enqueue('probe', '{"id": 2}')});
+ok(settle('probe'), 'the next task');
+cmp_ok(sql(qq{SELECT extract(epoch FROM finished_at - created_at) FROM beat.task WHERE id = $next}),
+	'<', 2, 'probes at once (not after another 3 s cool-down)');
+is(sql(q{SELECT breaker FROM beat.provider_health WHERE provider = 'probed'}), 'closed',
+	'and closes the breaker');
+faults(undef);
+
 # ------------------------------------------------ secrets
 # an upstream that echoes the key back: the result must not keep it
 sql(qq{SELECT beat.set_provider('echoer', base_url => '$BASE',
