@@ -2,10 +2,13 @@
  * listen.c -- count the notifications of channel beat_events.
  *
  *   listen CONNINFO [--idle-exit SECONDS] [--max-seconds SECONDS] [--ready-file PATH]
+ *          [--count-file PATH]
  *
  * Connects with PQconnectdb(CONNINFO), runs LISTEN beat_events, then (if
  * --ready-file is given) writes its pid to PATH (atomically: PATH.tmp, then
  * rename) so that a script can wait for the file before it sends anything.
+ * With --count-file, it writes the number of notifications so far to PATH
+ * the same way, at most every 100 ms, as it grows.
  * Each payload is a small JSON object such as
  *   {"id": 123, "topic": "entity.created", "key": "alice"}
  * whose "id" (a positive bigint) is found by a small hand-written scan.
@@ -210,12 +213,13 @@ static void
 usage(void)
 {
 	fprintf(stderr, "usage: listen CONNINFO [--idle-exit SECONDS] [--max-seconds SECONDS] "
-			"[--ready-file PATH]\n");
+			"[--ready-file PATH] [--count-file PATH]\n");
 	exit(2);
 }
 
+/* Write value and a newline to path, atomically (a temporary file renamed). */
 static int
-write_ready_file(const char *path)
+write_number_file(const char *path, long value)
 {
 	size_t		n = strlen(path) + 32;
 	char	   *tmp = malloc(n);
@@ -232,7 +236,7 @@ write_ready_file(const char *path)
 		free(tmp);
 		return 0;
 	}
-	ok = fprintf(f, "%ld\n", (long) getpid()) > 0;
+	ok = fprintf(f, "%ld\n", value) > 0;
 	ok = (fclose(f) == 0) && ok;
 	if (!ok || rename(tmp, path) != 0)
 	{
@@ -250,6 +254,9 @@ main(int argc, char **argv)
 {
 	const char *conninfo = NULL;
 	const char *ready_file = NULL;
+	const char *count_file = NULL;	/* the count so far, rewritten as it grows */
+	uint64_t	counted = 0;
+	double		count_written = 0;
 	double		idle_exit = 0;	/* 0: never */
 	double		max_seconds = 600;
 	double		start,
@@ -270,6 +277,8 @@ main(int argc, char **argv)
 			max_seconds = seconds_arg(argv[i], argv[i + 1]), i++;
 		else if (strcmp(argv[i], "--ready-file") == 0 && i + 1 < argc)
 			ready_file = argv[++i];
+		else if (strcmp(argv[i], "--count-file") == 0 && i + 1 < argc)
+			count_file = argv[++i];
 		else if (strncmp(argv[i], "--", 2) == 0 || conninfo != NULL)
 			usage();
 		else
@@ -302,7 +311,7 @@ main(int argc, char **argv)
 		return 2;
 	}
 	PQclear(res);
-	if (ready_file != NULL && !write_ready_file(ready_file))
+	if (ready_file != NULL && !write_number_file(ready_file, (long) getpid()))
 	{
 		PQfinish(conn);
 		return 2;
@@ -316,6 +325,12 @@ main(int argc, char **argv)
 		int			timeout_ms;
 
 		drain(conn, &ids, &notifications, &last_notify);
+		if (count_file != NULL && notifications != counted && now_s() - count_written >= 0.1)
+		{
+			counted = notifications;
+			count_written = now_s();
+			(void) write_number_file(count_file, (long) counted);
+		}
 		if (stop_signal)
 			break;
 		now = now_s();

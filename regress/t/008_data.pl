@@ -232,10 +232,12 @@ sql(q{SELECT beat.set_route('posts', 'acme')});
 
 # ------------------------------------------------ every event to LISTEN, and to a consumer
 my $last_before = sql(q{SELECT coalesce(max(id), 0) FROM beat.event});
-my $ready = PostgreSQL::Test::Utils::tempdir() . '/listen.ready';
+my $ldir  = PostgreSQL::Test::Utils::tempdir();
+my $ready = "$ldir/listen.ready";
 my ($lout, $lerr) = ('', '');
 my $connstr = $node->connstr('postgres');
-my $lh = IPC::Run::start([ $listen, $connstr, '--ready-file', $ready, '--max-seconds', '240' ],
+my $lh = IPC::Run::start([ $listen, $connstr, '--ready-file', $ready, '--count-file', "$ldir/count",
+		'--max-seconds', '240' ],
 	'<', \undef, '>', \$lout, '2>', \$lerr);
 for (1 .. 100) { last if -e $ready; usleep(100_000); }
 ok(-e $ready, 'the LISTEN client is listening');
@@ -272,8 +274,13 @@ is( sql(qq{SELECT count(*) FROM beat.entity WHERE kind = 'post' AND parent_id IN
            AND topic = 'entity.created'}),
 	'each post is an entity linked to its profile, with its entity.created');
 
-# the listener has had time to read it all once it is quiet
-usleep(1_000_000);
+# let the listener hear what was written (at most 30 s), then stop it
+for (1 .. 300)
+{
+	my $c = -e "$ldir/count" ? slurp_file("$ldir/count") : 0;
+	last if $c >= $run_events;
+	usleep(100_000);
+}
 $lh->signal('TERM');
 $lh->finish;
 my %l = $lout =~ /(\w+)=(\d+)/g;
