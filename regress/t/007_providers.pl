@@ -351,6 +351,22 @@ is(sql(q{SELECT breaker FROM beat.provider_health WHERE provider = 'probed'}), '
 	'and closes the breaker');
 faults(undef);
 
+# ------------------------------------------------ a datetime rule across time zones
+# a rule whose path compares a timestamp without a time zone with one that
+# has one: the worker evaluates it with the session's time zone (the _tz
+# JSONPath functions) instead of raising, which would kill it.
+sql(qq{SELECT beat.set_provider('dated', base_url => '$BASE',
+        operations => '{"dated": {"url": "/json", "query": {"t": "2024-01-01T00:00:00"}}}',
+        rules => '[{"status": 200, "path": "\$.query.t ? (@.datetime() < \\"2030-01-01T00:00:00+00:00\\".datetime())",
+                    "outcome": "permanent"}]')});
+sql(q{SELECT beat.set_route('dated', 'dated')});
+sql(q{SELECT beat.create_flow('dated', operation => 'dated', workers => 1, max_attempts => 2)});
+my $dated = sql(q{SELECT beat.enqueue('dated', '{}')});
+ok(settle('dated'), 'a task whose answer a datetime rule judges');
+is(sql(qq{SELECT state || ' ' || attempts FROM beat.task WHERE id = $dated}), 'dead 1',
+	'is judged by the rule (permanent) in its first attempt');
+is(sql(q{SELECT count(*) FROM beat.http_log WHERE flow = 'dated'}), '1', 'with one call');
+
 # ------------------------------------------------ secrets
 # an upstream that echoes the key back: the result must not keep it
 sql(qq{SELECT beat.set_provider('echoer', base_url => '$BASE',
