@@ -484,7 +484,7 @@ BEGIN
         typ := f->>'type';
     END IF;
     typ := coalesce(typ, CASE WHEN metric THEN 'numeric' ELSE 'json' END);
-    vals := jsonb_path_query_array(doc, path::jsonpath, vars);
+    vals := jsonb_path_query_array_tz(doc, path::jsonpath, vars);
     IF jsonb_array_length(vals) > 1 THEN
         RAISE EXCEPTION '%: path % matched % values where one was expected',
             what, path, jsonb_array_length(vals) USING ERRCODE = 'data_exception';
@@ -663,7 +663,7 @@ BEGIN
                                'headers', coalesce(result->'headers', '{}'),
                                'status', coalesce(result->'status', 'null'));
     IF spec ? 'items' THEN
-        listed := jsonb_path_query_array(body, (spec->'items'->>'path')::jsonpath, vars);
+        listed := jsonb_path_query_array_tz(body, (spec->'items'->>'path')::jsonpath, vars);
         -- a path to the list itself ($.data rather than $.data[*]) means its elements
         IF jsonb_array_length(listed) = 1 AND jsonb_typeof(listed->0) = 'array' THEN
             listed := listed->0;

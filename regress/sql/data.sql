@@ -131,6 +131,12 @@ RESET SESSION AUTHORIZATION;
 DROP FUNCTION private_parser(jsonb, jsonb);
 SELECT beat.drop_mapping('bravo', 'profile');
 SELECT beat.drop_mapping('bravo', 'profile');
+-- datetime comparisons across time zones work (the _tz JSONPath functions)
+SELECT provider FROM beat.set_mapping('bravo', 'profile', 'social', 'profile', '{"key": "$.h",
+    "dimensions": {"recent": {"path": "$.at ? (@.datetime() > \"2020-01-01T00:00:00+00:00\".datetime())",
+                              "optional": true}}}');
+SELECT beat.parse('bravo', 'profile', '{"body": {"h": "a", "at": "2024-05-01T10:00:00"}}')->'dimensions' AS recent,
+       beat.parse('bravo', 'profile', '{"body": {"h": "a", "at": "2019-05-01T10:00:00"}}')->'dimensions' AS old;
 -- errors from JSONPath itself name the provider too
 SELECT provider FROM beat.set_mapping('bravo', 'profile', 'social', 'profile', '{"key": "$nope.x"}');
 SELECT ord, error FROM beat.parse_results(ARRAY['bravo'], 'profile', ARRAY['{"body": {}}']::jsonb[], ARRAY['{}']);
