@@ -58,7 +58,6 @@
 #undef json_object				/* and never call it: see http.h */
 #include "utils/jsonb.h"
 #include "utils/datum.h"
-#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -1377,20 +1376,16 @@ parse_answers(Judged *js, int n)
 
 	/*
 	 * A mapping may name a parser function, which runs here, in a superuser
-	 * session.  Run it as a restricted operation, and take back whatever
-	 * settings it changed (a search_path set for the session would change
-	 * what the worker's own statements call).
+	 * session: as a restricted operation.  beat.parse runs it in a block
+	 * that rolls back, which undoes any setting it changed.
 	 */
 	{
 		Oid			userid;
 		int			sec;
-		int			nest;
 
 		GetUserIdAndSecContext(&userid, &sec);
 		SetUserIdAndSecContext(userid, sec | SECURITY_RESTRICTED_OPERATION);
-		nest = NewGUCNestLevel();
 		beat_execute(plan_parse, args, NULL, SPI_OK_SELECT);
-		AtEOXact_GUC(false, nest);
 		SetUserIdAndSecContext(userid, sec);
 	}
 	for (uint64 r = 0; r < SPI_processed; r++)

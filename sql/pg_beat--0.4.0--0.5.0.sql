@@ -110,6 +110,8 @@ AS $$
 DECLARE
     n integer;
     notified integer;
+    -- NOTIFY reaches the queue at commit: its usage cannot change meanwhile
+    room boolean := pg_notification_queue_usage() < 0.9;
 BEGIN
     IF events IS NULL OR jsonb_typeof(events) <> 'array' OR jsonb_array_length(events) = 0 THEN
         RETURN 0;
@@ -129,7 +131,7 @@ BEGIN
     -- stopped reading in an open transaction holds it), the events are
     -- still written but not notified: a full queue would make the commit
     -- fail, and every worker with it.  Readers catch up by id.
-    SELECT count(CASE WHEN pg_notification_queue_usage() < 0.9 THEN
+    SELECT count(CASE WHEN room THEN
                      pg_notify('beat_events', json_build_object('id', s.id, 'topic', s.topic,
                                                                 'key', left(s.key, 200))::text) END),
            count(*)
@@ -187,7 +189,7 @@ CREATE CONSTRAINT TRIGGER credential_disabled AFTER UPDATE OF enabled ON beat.cr
 -- The events after last_id, in id order.
 CREATE FUNCTION beat.events_since(last_id bigint, max integer DEFAULT 1000)
 RETURNS SETOF beat.event
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF last_id IS NULL OR last_id < 0 THEN
@@ -460,12 +462,16 @@ BEGIN
 END;
 $$;
 
+-- mapped_value, mapped_fields, mapped_key, entity_key and diff run once per
+-- field or entity, inside parse or ingest, which set the search_path: they
+-- set none of their own (a SET clause costs a settings save per call).
+
 -- The value of one field, typed: NULL when absent (or JSON null) and
 -- optional; an error when required and absent, when the path matches more
 -- than one value, or when the value is not of the field's type.
 CREATE FUNCTION beat.mapped_value(doc jsonb, vars jsonb, f jsonb, metric boolean, what text)
 RETURNS jsonb
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     path text;
@@ -533,7 +539,7 @@ $$;
 -- The fields of a spec, read from doc: {name: value or null}.
 CREATE FUNCTION beat.mapped_fields(doc jsonb, vars jsonb, fields jsonb, metric boolean, what text)
 RETURNS jsonb
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     out jsonb := '{}';
@@ -548,19 +554,27 @@ BEGIN
 END;
 $$;
 
--- An entity's key: a non-empty string or a number, as text.
+-- An entity's key as text, one spelling per key: 123, 123.0 and 1.23e2 are
+-- "123", " alice" is "alice"; NULL when v is not a number or a non-blank
+-- string.  Used for mapped and parsed keys alike.
+CREATE FUNCTION beat.entity_key(v jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+SELECT CASE jsonb_typeof(v) WHEN 'number' THEN trim_scale(v::numeric)::text
+                            WHEN 'string' THEN nullif(btrim(v #>> '{}'), '') END
+$$;
+
+-- An entity's key read from doc: a non-empty string or a number, as text.
 CREATE FUNCTION beat.mapped_key(doc jsonb, vars jsonb, path text, what text)
 RETURNS text
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     v jsonb := beat.mapped_value(doc, vars, to_jsonb(path), false, what || ', key');
-    k text;
+    k text := beat.entity_key(v);
 BEGIN
-    -- one spelling per key: 123, 123.0 and 1.23e2 are "123"; " alice" is "alice"
-    k := CASE jsonb_typeof(v) WHEN 'number' THEN trim_scale(v::numeric)::text
-                              WHEN 'string' THEN btrim(v #>> '{}') END;
-    IF k IS NULL OR k = '' OR length(k) > 500 THEN
+    IF k IS NULL OR length(k) > 500 THEN
         RAISE EXCEPTION '%, key: % at path % is not a non-empty string or number (up to 500 characters)',
             what, left(v::text, 100), path USING ERRCODE = 'invalid_text_representation';
     END IF;
@@ -579,10 +593,9 @@ DECLARE
     i integer := 0;
     part text;
     v jsonb;
+    k text := beat.entity_key(model->'key');
 BEGIN
-    IF jsonb_typeof(model) IS DISTINCT FROM 'object'
-       OR coalesce(jsonb_typeof(model->'key'), '') NOT IN ('string', 'number')
-       OR coalesce(model->>'key', '') = '' OR length(model->>'key') > 500 THEN
+    IF jsonb_typeof(model) IS DISTINCT FROM 'object' OR k IS NULL OR length(k) > 500 THEN
         RAISE EXCEPTION '%: the parser must return an object with a "key" of 1 to 500 characters', what
             USING ERRCODE = 'data_exception';
     END IF;
@@ -609,7 +622,7 @@ BEGIN
         item := beat.check_model(item - 'items', platform, item->>'kind', format('%s, item %s', what, i));
         items := items || jsonb_build_array(item - 'platform' - 'items');
     END LOOP;
-    RETURN jsonb_build_object('platform', platform, 'kind', kind, 'key', model->>'key',
+    RETURN jsonb_build_object('platform', platform, 'kind', kind, 'key', k,
                               'dimensions', coalesce(model->'dimensions', '{}'),
                               'metrics', coalesce(model->'metrics', '{}'),
                               'items', items);
@@ -654,7 +667,16 @@ BEGIN
             RAISE EXCEPTION '%: parser % no longer exists', what, m.parser USING ERRCODE = 'undefined_function';
         END IF;
         PERFORM beat.check_parser(fn);
-        EXECUTE format('SELECT %s($1, $2)', fn::oid::regproc) INTO model USING body, result;
+        -- Only the parser's answer is kept: the block always rolls back, and
+        -- with it any setting the parser changed for the session (a
+        -- search_path would change what the rest of the batch calls, in a
+        -- superuser's worker) and anything it wrote.
+        BEGIN
+            EXECUTE format('SELECT %s($1, $2)', fn::oid::regproc) INTO model USING body, result;
+            RAISE SQLSTATE 'PB001';
+        EXCEPTION WHEN SQLSTATE 'PB001' THEN
+            NULL;
+        END;
         RETURN beat.check_model(model, m.platform, m.kind, what);
     END IF;
 
@@ -729,7 +751,7 @@ $$;
 -- for two numbers, delta.  An absent field counts as null.
 CREATE FUNCTION beat.diff(old jsonb, new jsonb)
 RETURNS jsonb
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE sql IMMUTABLE
 AS $$
 SELECT coalesce(jsonb_object_agg(n.k, jsonb_build_object('old', o.v, 'new', n.v) ||
            CASE WHEN jsonb_typeof(o.v) = 'number' AND jsonb_typeof(n.v) = 'number'
@@ -841,27 +863,26 @@ DECLARE
     parents jsonb;
     children jsonb;
 BEGIN
-    SELECT coalesce(jsonb_agg(jsonb_build_object(
-               'platform', s.m->>'platform', 'kind', s.m->>'kind', 'key', s.m->>'key',
-               'dimensions', s.m->'dimensions', 'metrics', s.m->'metrics',
-               'task_id', s.task_id, 'provider', s.provider,
-               'correlation_id', t.correlation_id) ORDER BY s.ord), '[]')
-    INTO parents
-    FROM unnest(task_ids, providers, models) WITH ORDINALITY AS s(task_id, provider, m, ord)
-    JOIN beat.task t ON t.id = s.task_id
-    WHERE s.m IS NOT NULL;
-
-    SELECT coalesce(jsonb_agg(jsonb_build_object(
-               'platform', s.m->>'platform', 'kind', i->>'kind', 'key', i->>'key',
-               'parent', jsonb_build_array(s.m->>'platform', s.m->>'kind', s.m->>'key'),
-               'dimensions', i->'dimensions', 'metrics', i->'metrics',
-               'task_id', s.task_id, 'provider', s.provider,
-               'correlation_id', t.correlation_id) ORDER BY s.ord, x.n), '[]')
-    INTO children
-    FROM unnest(task_ids, providers, models) WITH ORDINALITY AS s(task_id, provider, m, ord)
-    JOIN beat.task t ON t.id = s.task_id
-    CROSS JOIN LATERAL jsonb_array_elements(coalesce(s.m->'items', '[]')) WITH ORDINALITY AS x(i, n)
-    WHERE s.m IS NOT NULL;
+    WITH s AS (
+        SELECT x.task_id, x.provider, x.m, x.ord, t.correlation_id
+        FROM unnest(task_ids, providers, models) WITH ORDINALITY AS x(task_id, provider, m, ord)
+        JOIN beat.task t ON t.id = x.task_id
+        WHERE x.m IS NOT NULL)
+    SELECT (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'platform', s.m->>'platform', 'kind', s.m->>'kind', 'key', s.m->>'key',
+                'dimensions', s.m->'dimensions', 'metrics', s.m->'metrics',
+                'task_id', s.task_id, 'provider', s.provider,
+                'correlation_id', s.correlation_id) ORDER BY s.ord), '[]')
+            FROM s),
+           (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'platform', s.m->>'platform', 'kind', i->>'kind', 'key', i->>'key',
+                'parent', jsonb_build_array(s.m->>'platform', s.m->>'kind', s.m->>'key'),
+                'dimensions', i->'dimensions', 'metrics', i->'metrics',
+                'task_id', s.task_id, 'provider', s.provider,
+                'correlation_id', s.correlation_id) ORDER BY s.ord, x.n), '[]')
+            FROM s CROSS JOIN LATERAL
+                 jsonb_array_elements(coalesce(s.m->'items', '[]')) WITH ORDINALITY AS x(i, n))
+    INTO parents, children;
 
     RETURN beat.publish(beat.upsert_entities(parents) || beat.upsert_entities(children));
 END;
@@ -967,7 +988,8 @@ REVOKE ALL ON FUNCTION
     beat.check_parser(regprocedure), beat.drop_mapping(text, text),
     beat.mapped_value(jsonb, jsonb, jsonb, boolean, text),
     beat.mapped_fields(jsonb, jsonb, jsonb, boolean, text),
-    beat.mapped_key(jsonb, jsonb, text, text), beat.check_model(jsonb, text, text, text),
+    beat.mapped_key(jsonb, jsonb, text, text), beat.entity_key(jsonb),
+    beat.check_model(jsonb, text, text, text),
     beat.parse(text, text, jsonb, jsonb), beat.parse_results(text[], text, jsonb[], text[]),
     beat.diff(jsonb, jsonb), beat.upsert_entities(jsonb),
     beat.ingest(bigint[], text[], jsonb[]), beat.purge_data(),
@@ -980,16 +1002,17 @@ GRANT SELECT ON beat.mapping, beat.entity, beat.observation, beat.event, beat.co
     TO beat_user;
 GRANT EXECUTE ON FUNCTION
     beat.events_since(bigint, integer), beat.consume(text, integer),
-    beat.seek_consumer(text, bigint), beat.diff(jsonb, jsonb),
+    beat.seek_consumer(text, bigint),
     beat.refresh(text, text, text, interval, text, integer)
 TO beat_user;
--- parse is for trying a mapping: its helpers run as the caller.
+-- parse is for trying a mapping: its helpers run as the caller.  The
+-- check_* behind set_mapping run as the owner (SECURITY DEFINER): no grant.
 GRANT EXECUTE ON FUNCTION
     beat.set_mapping(text, text, text, text, jsonb, regprocedure), beat.drop_mapping(text, text),
-    beat.check_fields(jsonb, boolean, text), beat.check_path(text, text), beat.check_spec(jsonb),
     beat.check_parser(regprocedure),
     beat.mapped_value(jsonb, jsonb, jsonb, boolean, text),
     beat.mapped_fields(jsonb, jsonb, jsonb, boolean, text),
-    beat.mapped_key(jsonb, jsonb, text, text), beat.check_model(jsonb, text, text, text),
+    beat.mapped_key(jsonb, jsonb, text, text), beat.entity_key(jsonb),
+    beat.check_model(jsonb, text, text, text),
     beat.parse(text, text, jsonb, jsonb), beat.purge_data()
 TO beat_admin;

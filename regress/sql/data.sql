@@ -129,6 +129,22 @@ SET SESSION AUTHORIZATION mapping_admin;
 SELECT beat.set_mapping('bravo', 'profile', 'social', 'profile', parser => 'private_parser(jsonb, jsonb)');
 RESET SESSION AUTHORIZATION;
 DROP FUNCTION private_parser(jsonb, jsonb);
+-- only a parser's answer is kept: what it set or wrote is rolled back
+CREATE TABLE parser_writes (n int);
+CREATE FUNCTION meddler(body jsonb, result jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('search_path', 'public, pg_catalog', false);
+    INSERT INTO parser_writes VALUES (1);
+    RETURN jsonb_build_object('key', 1.50);
+END $$;
+SELECT provider FROM beat.set_mapping('bravo', 'profile', 'social', 'profile', parser => 'meddler(jsonb, jsonb)');
+SELECT current_setting('search_path') AS path_before \gset
+SELECT ord, model->>'key' AS key, error FROM beat.parse_results(ARRAY['bravo', 'bravo'], 'profile',
+    ARRAY['{"body": {}}', '{"body": {}}']::jsonb[], ARRAY['{}', '{}']);
+SELECT current_setting('search_path') = :'path_before' AS path_unchanged,
+       (SELECT count(*) FROM parser_writes) AS writes_kept;
+DROP FUNCTION meddler(jsonb, jsonb);
+DROP TABLE parser_writes;
 SELECT beat.drop_mapping('bravo', 'profile');
 SELECT beat.drop_mapping('bravo', 'profile');
 -- datetime comparisons across time zones work (the _tz JSONPath functions)
