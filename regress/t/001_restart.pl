@@ -63,7 +63,7 @@ is($held, "$DONE\n$CLAIMED", "claimed $CLAIMED and completed $DONE of them");
 
 my $before = snapshot('before restart');
 is($before->{total},     $N,                  "$N tasks");
-is($before->{distinct},  $N,                  'every id once');
+is($before->{distinct},  $N,                  'every task once (distinct params)');
 is($before->{sum},       $N * ($N + 1) / 2,   'ids are 1..N');
 is($before->{pending},   $N - $CLAIMED,       'pending count');
 is($before->{running},   $CLAIMED - $DONE,    'running count');
@@ -130,7 +130,7 @@ is($node->safe_psql('postgres', 'SELECT requeued, dead FROM beat.reap()'),
 
 my $final = snapshot('after reap');
 is($final->{total},     $N,                 "still $N tasks");
-is($final->{distinct},  $N,                 'still every id once');
+is($final->{distinct},  $N,                 'still every task once');
 is($final->{sum},       $before->{sum},     'same id sum');
 is($final->{running},   $CLAIMED - $DONE,   'live leases were not reaped');
 is($final->{pending},   $N - $CLAIMED,      'pending count back where it was');

@@ -55,7 +55,7 @@ sub wait_for
 	return $took;
 }
 
-# Wait until every task of flow is done; returns true when all succeeded.
+# Wait until every task of flow has ended (succeeded, dead or cancelled).
 sub settle
 {
 	my ($flow, $timeout) = @_;

@@ -22,7 +22,7 @@ sub snapshot
 	my $row = $node->safe_psql(
 		'postgres', q{
 		SELECT count(*),
-		       count(DISTINCT id),
+		       count(DISTINCT params),
 		       coalesce(sum(id), 0),
 		       count(*) FILTER (WHERE state = 'pending'),
 		       count(*) FILTER (WHERE state = 'running'),
