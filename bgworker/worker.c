@@ -138,7 +138,6 @@ static FlowConfig cfg;
 static Route *route = NULL;		/* cfg.is_op: the providers of the operation */
 static MemoryContext pass_ctx;	/* reset every pass of the loop */
 static uint32 cfg_generation;
-static bool cfg_loaded = false;
 
 static SPIPlanPtr plan_flow = NULL;
 static SPIPlanPtr plan_claim = NULL;
@@ -333,6 +332,24 @@ cred_id_of(const Transfer *t)
 }
 
 /*
+ * Is url's host outside the allowed hosts of t's provider?  Then say so in
+ * t->refused.  A transfer without a provider (a flow's own request) may go
+ * anywhere its template says.
+ */
+static bool
+host_refused(Transfer *t, const char *url)
+{
+	char		host[128];
+
+	if (provider_of(t) == NULL || route_host_allowed(provider_of(t), url, host, sizeof(host)))
+		return false;
+	snprintf(t->refused, sizeof(t->refused),
+			 "host %s is not in the allowed hosts of provider \"%s\"", host,
+			 provider_of(t)->name);
+	return true;
+}
+
+/*
  * curl: a connection is ready and the request about to go, for the first
  * URL and every redirect.  Refuse private and loopback addresses unless
  * beat.allow_private_addresses, and a host outside the provider's list.
@@ -342,7 +359,6 @@ prereq_cb(void *clientp, char *ip, char *local_ip, int port, int local_port)
 {
 	Transfer   *t = clientp;
 	char	   *url = NULL;
-	char		host[128];
 
 	if (!beat_allow_private_addresses && beat_address_private(ip))
 	{
@@ -352,13 +368,8 @@ prereq_cb(void *clientp, char *ip, char *local_ip, int port, int local_port)
 	}
 	if (provider_of(t) &&
 		curl_easy_getinfo(t->easy, CURLINFO_EFFECTIVE_URL, &url) == CURLE_OK && url != NULL &&
-		!route_host_allowed(provider_of(t), url, host, sizeof(host)))
-	{
-		snprintf(t->refused, sizeof(t->refused),
-				 "host %s is not in the allowed hosts of provider \"%s\"", host,
-				 provider_of(t)->name);
+		host_refused(t, url))
 		return CURL_PREREQFUNC_ABORT;
-	}
 	return CURL_PREREQFUNC_OK;
 }
 
@@ -414,7 +425,6 @@ load_flow(void)
 	for (int i = 0; i < cfg.nlimits; i++)
 		free(cfg.limits[i]);
 	memset(&cfg, 0, sizeof(cfg));
-	cfg_loaded = true;
 	if (SPI_processed == 0)
 		return;
 
@@ -480,9 +490,9 @@ load_flow(void)
 	}
 }
 
-/* Queue a transfer that failed before it started, to be recorded. */
+/* Queue a transfer to be recorded: one curl finished, or one never sent. */
 static void
-finish_unsent(Transfer *t)
+queue_finished(Transfer *t)
 {
 	t->next = finished;
 	finished = t;
@@ -503,7 +513,7 @@ fail_unsent(int64 task_id, int attempt, const char *error)
 	t->cred = -1;
 	strlcpy(t->req.method, cfg.tmpl ? cfg.tmpl->method : "GET", sizeof(t->req.method));
 	t->build_error = strdup(error);
-	finish_unsent(t);
+	queue_finished(t);
 }
 
 /* A new transfer for a claimed task (malloc'd). */
@@ -534,29 +544,21 @@ launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 	if (!beat_request_build(tmpl, t->params, beat_log_redact_params, secret, &t->req, &error))
 	{
 		t->build_error = error;
-		finish_unsent(t);
+		queue_finished(t);
 		return;
 	}
-	if (provider_of(t))
+	if (host_refused(t, t->req.url))
 	{
-		char		host[128];
-
-		if (!route_host_allowed(provider_of(t), t->req.url, host, sizeof(host)))
-		{
-			/* refused before anything is connected to */
-			snprintf(t->refused, sizeof(t->refused),
-					 "host %s is not in the allowed hosts of provider \"%s\"", host,
-					 provider_of(t)->name);
-			finish_unsent(t);
-			return;
-		}
+		/* refused before anything is connected to */
+		queue_finished(t);
+		return;
 	}
 
 	t->easy = curl_easy_init();
 	if (t->easy == NULL)
 	{
 		t->build_error = strdup("could not create a curl handle");
-		finish_unsent(t);
+		queue_finished(t);
 		return;
 	}
 	curl_easy_setopt(t->easy, CURLOPT_URL, t->req.url);
@@ -592,7 +594,7 @@ launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 	if (curl_multi_add_handle(multi, t->easy) != CURLM_OK)
 	{
 		t->build_error = strdup("could not add the transfer to curl");
-		finish_unsent(t);
+		queue_finished(t);
 		return;
 	}
 	t->next = inflight;
@@ -806,16 +808,20 @@ claim_and_start(int n, TimestampTz *next_due)
 				char	   *error = NULL;
 				BeatAcquireResult r;
 
-				if (!beat_render_keys(cfg.limits, cfg.nlimits, params, NULL, NULL, keys, &error))
+				/* keys without a placeholder are the templates themselves */
+				if (!cfg.limits_fixed &&
+					!beat_render_keys(cfg.limits, cfg.nlimits, params, NULL, NULL, keys, &error))
 				{
 					fail_unsent(id, attempt, psprintf("limit keys: %s", error));
 					free(error);
 					continue;
 				}
-				r = beat_limiter_try((const char *const *) keys, cfg.nlimits, 1,
+				r = beat_limiter_try(cfg.limits_fixed ? (const char *const *) cfg.limits :
+									 (const char *const *) keys, cfg.nlimits, 1,
 									 BEAT_CHARGE, &error);
-				for (int k = 0; k < cfg.nlimits; k++)
-					free(keys[k]);
+				if (!cfg.limits_fixed)
+					for (int k = 0; k < cfg.nlimits; k++)
+						free(keys[k]);
 				if (error != NULL)
 				{
 					fail_unsent(id, attempt, error);
@@ -976,9 +982,7 @@ collect_done(void)
 				break;
 			}
 		n_inflight--;
-		t->next = finished;
-		finished = t;
-		n_finished++;
+		queue_finished(t);
 	}
 }
 
@@ -1537,8 +1541,6 @@ record_finished(void)
 	Transfer   *t;
 	int			i;
 	int			nfinal = 0;
-	uint64		done_before = stat_done;
-	bool		woke = false;
 
 	/* what calling again queues now is for the next pass */
 	finished = NULL;
@@ -1630,6 +1632,7 @@ record_finished(void)
 		bool	   *cred_nulls = palloc(sizeof(bool) * nfinal);
 		int64	   *updated;
 		uint64		nupdated;
+		uint64		nsucceeded = 0;
 		bool		isnull;
 		int			f = 0;
 
@@ -1712,19 +1715,18 @@ record_finished(void)
 			updated[r] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r],
 													 SPI_tuptable->tupdesc, 1, &isnull));
 			if (strcmp(state, "succeeded") == 0)
-				stat_done++;
+				nsucceeded++;
 			else if (strcmp(state, "scheduled") != 0)
 				stat_failed++;
-			else
-				woke = true;
 		}
+		stat_done += nsucceeded;
 
 		/*
 		 * Failed, waiting, or retried later: a run_at must be seen by
 		 * whoever sleeps until the next due task (us too), so wake the
 		 * flow's workers at commit; they reread it.
 		 */
-		if (woke || nupdated > (uint64) (stat_done - done_before))
+		if (nsucceeded < nupdated)
 			beat_wake_at_commit(flow_name);
 
 		qsort(updated, nupdated, sizeof(int64), beat_cmp_int64);

@@ -473,8 +473,7 @@ beat_limiter_refresh(void)
 	if (defs_loaded && gen == defs_generation)
 		return;
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "pg_beat: SPI_connect failed");
+	beat_spi_connect();
 	beat_prepare(&plan_defs,
 				 "SELECT name, kind, \"limit\","
 				 " (extract(epoch FROM coalesce(period, '0')) * 1000000)::bigint,"
@@ -506,8 +505,7 @@ beat_limiter_refresh(void)
 		d->created = DatumGetTimestampTz(SPI_getbinval(tup, desc, 8, &isnull));
 		d->is_template = strstr(d->name, "{{") != NULL;
 	}
-	if (SPI_finish() != SPI_OK_FINISH)
-		elog(ERROR, "pg_beat: SPI_finish failed");
+	beat_spi_finish();
 
 	if (defs)
 		pfree(defs);

@@ -301,6 +301,20 @@ beat_breaker_report(const char *provider, const BeatBreakerConfig *c, bool ok,
 }
 
 /*
+ * A rest after the streak-th 429 in a row: base doubled streak - 1 times,
+ * capped at cap.  The callers add their own jitter.
+ */
+static int64
+doubled_rest(int streak, int64 base_us, int64 cap_us)
+{
+	int64		ttl = base_us;
+
+	for (int i = 1; i < streak && ttl < cap_us; i++)
+		ttl *= 2;
+	return Min(ttl, cap_us);
+}
+
+/*
  * The provider's own limit was hit (every key got 429, or it has no key):
  * wait the longer of its Retry-After and a rest that doubles with each such
  * limit in a row (from rest_base to rest_cap, with jitter), until a call
@@ -310,15 +324,13 @@ static TimestampTz
 provider_limited(ProviderEntry *p, int64 wait_us, int64 rest_base_us, int64 rest_cap_us,
 				 TimestampTz now)
 {
-	int64		ttl = rest_base_us;
+	int64		ttl;
 	TimestampTz until;
 
 	if (p == NULL)
 		return now + Max(wait_us, rest_base_us);
 	p->limited_streak = Min(p->limited_streak + 1, 40);
-	for (int i = 1; i < p->limited_streak && ttl < rest_cap_us; i++)
-		ttl *= 2;
-	ttl = Min(ttl, rest_cap_us);
+	ttl = doubled_rest(p->limited_streak, rest_base_us, rest_cap_us);
 	if (p->limited_streak > 1)
 		ttl = ttl / 2 + (int64) (pg_prng_double(&pg_global_prng_state) * (ttl / 2));
 	until = now + Max(wait_us, Max(ttl, rest_base_us));
@@ -333,7 +345,7 @@ beat_provider_served(const char *provider)
 
 	LWLockAcquire(provider_lock, LW_SHARED);
 	e = provider_entry(provider, false);
-	if (e != NULL && e->limited_streak == 0)
+	if (e == NULL || e->limited_streak == 0)
 	{
 		LWLockRelease(provider_lock);
 		return;
@@ -455,10 +467,7 @@ beat_credential_limited(const char *provider, const int64 *ids, int n, int64 id,
 	}
 	e->streak = Min(e->streak + 1, 40);
 	e->last_429 = now;
-	ttl = rest_base_us;
-	for (int i = 1; i < e->streak && ttl < rest_cap_us; i++)
-		ttl *= 2;
-	ttl = Min(ttl, rest_cap_us);
+	ttl = doubled_rest(e->streak, rest_base_us, rest_cap_us);
 	ttl = ttl / 2 + (int64) (jitter * (ttl / 2));
 	e->rest_until = now + Max(ttl, wait_us);
 	*rest_until = e->rest_until;

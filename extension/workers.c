@@ -127,13 +127,11 @@ Datum
 beat_drain(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	Interval   *timeout = PG_GETARG_INTERVAL_P(0);
+	Interval   *timeout;
 	TimestampTz deadline;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("timeout must not be null")));
+	beat_require(fcinfo, 0, "timeout");
+	timeout = PG_GETARG_INTERVAL_P(0);
 	beat_check_interval(timeout, "timeout", true);
 	deadline = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
 													   TimestampTzGetDatum(GetCurrentTimestamp()),
