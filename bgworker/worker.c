@@ -2198,7 +2198,9 @@ beat_worker_main(Datum arg)
 			LWLockRelease(beat_shared->lock);
 			proc_exit(0);
 		}
-		publish(n_inflight > 0 ? BEAT_SLOT_BUSY : BEAT_SLOT_IDLE);
+		/* a stopping worker says so while its last transfers finish */
+		publish(stopping ? BEAT_SLOT_STOPPING :
+				n_inflight > 0 ? BEAT_SLOT_BUSY : BEAT_SLOT_IDLE);
 
 		/* sleep until the latch, a socket, curl's timer or the next due task */
 		timeout = SAFETY_WAKE_MS;

@@ -572,6 +572,21 @@ is( sql(q{SELECT count(*) FROM beat.task t
         'the launcher ran throughout (same pid): it stopped and started the workers itself');
 }
 
+# A worker told to stop says so while it waits for its transfers in flight
+# (beat.shutdown_grace, 2 s), and then hands the task back.
+{
+    sql(qq{SELECT beat.create_flow('stopper', request => '{"url": "$BASE/json?delay_ms=5000"}',
+            workers => 1, timeout => '10 s')});
+    my $id = sql(q{SELECT beat.enqueue('stopper', '{}')});
+    ok( defined wait_for(q{SELECT state = 'busy' FROM beat.worker_status WHERE flow = 'stopper'}, 10),
+        'stopping: the worker is busy with a 5 s transfer');
+    sql(q{SELECT beat.alter_flow('stopper', workers => 0)});
+    ok( defined wait_for(q{SELECT state = 'stopping' FROM beat.worker_status WHERE flow = 'stopper'}, 2),
+        'stopping: beat.worker_status shows it stopping during the grace period');
+    ok( defined wait_for(qq{SELECT state = 'pending' FROM beat.task WHERE id = $id}, 10),
+        'stopping: the task is handed back');
+}
+
 # No process of the server crashed (a crash would have restarted them all).
 {
     my @crashes = grep { /terminated by signal|all server processes terminated/ }
