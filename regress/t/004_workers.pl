@@ -26,10 +26,6 @@ my $json = JSON::PP->new->canonical;
 my $up   = BeatUpstream->start;
 my $BASE = $up->base;
 
-# What the upstream received and sent; zero its counters.
-sub upstream_stats { return $up->stats; }
-sub upstream_reset { return $up->reset; }
-
 # ---------------------------------------------------------------- node
 my $node = BeatNode::start('workers', q{
 beat.reaper_interval = '200ms'
@@ -62,15 +58,7 @@ sub worker_pids
 }
 
 # Wait until $flow has $n workers, all started and running (idle or busy).
-sub wait_workers
-{
-    my ($flow, $n, $timeout) = @_;
-    return wait_for(
-        qq{SELECT count(*) = $n AND count(*) FILTER (WHERE pid IS NOT NULL
-                                                     AND state IN ('idle', 'busy')) = $n
-           FROM beat.worker_status WHERE flow = '$flow'},
-        $timeout);
-}
+sub wait_workers { return BeatNode::wait_workers($node, @_); }
 
 # ---------------------------------------------------------------- flows
 # Flow f serves every kind of answer with one template: the path and up to
@@ -139,7 +127,7 @@ note "flow f workers: $f_pids";
 }
 
 # ---------------------------------------------------------------- answers
-upstream_reset();
+$up->reset;
 sql(qq{SELECT beat.create_flow('f404',
         request => '{"url": "$BASE/{{path}}?key={{k}}"}',
         workers => 1, ok_statuses => '{[200,300),[404,405)}')});
@@ -312,7 +300,7 @@ is( sql(qq{SELECT result->>'status', result->'body'->>'error'
 
 # What the upstream saw, per key
 {
-    my $st = upstream_stats();
+    my $st = $up->stats;
     my $bk = $st->{by_key};
     note 'upstream by_key: ' . $json->encode($bk);
     ok(!exists $bk->{missing}, 'missing parameter: no request reached the upstream');
@@ -416,7 +404,7 @@ is(worker_pids('f'), $f_pids, 'flow f: the same 2 worker processes throughout (n
     usleep(1_000_000);
     is(sql("SELECT state || '|' || attempts FROM beat.task WHERE id = $id"), 'pending|0',
         'pause: a task enqueued into a paused flow stays pending for 1 s');
-    ok(!exists upstream_stats()->{by_key}{paused}, 'pause: no request was sent');
+    ok(!exists $up->stats->{by_key}{paused}, 'pause: no request was sent');
     sql(q{SELECT beat.resume('f')});
     my $s = wait_for("SELECT state = 'succeeded' FROM beat.task WHERE id = $id", 10);
     ok(defined $s, 'resume: the waiting task is done');
@@ -503,7 +491,7 @@ SELECT pg_sleep(0.15);
         workers => 2, concurrency => 8, timeout => '10 s')});
     ok(defined wait_workers('conc', 2, 20), 'flow conc: 2 workers');
     wait_for(q{SELECT bool_and(state = 'idle') FROM beat.worker_status WHERE flow <> ''}, 10);
-    upstream_reset();
+    $up->reset;
     my $t0 = [gettimeofday];
     sql(q{SELECT count(*) FROM beat.enqueue_batch('conc',
           (SELECT array_agg(jsonb_build_object('k', 'conc-' || g, 'd', 300) ORDER BY g)
@@ -520,7 +508,7 @@ SELECT pg_sleep(0.15);
         if ($n == 40) { $done = tv_interval($t0); last; }
         usleep(20_000);
     }
-    my $st = upstream_stats();
+    my $st = $up->stats;
     note sprintf('concurrency: 40 tasks of 300 ms in %.2f s; upstream max_in_flight %d; '
           . 'largest in_flight of one worker seen %d', $done // -1, $st->{max_in_flight},
         $max_worker_in_flight);

@@ -38,10 +38,6 @@ my $CONCURRENCY = 16;
 my $up   = BeatUpstream->start;
 my $BASE = $up->base;
 
-# What the upstream received and sent; zero its counters.
-sub upstream_stats { return $up->stats; }
-sub upstream_reset { return $up->reset; }
-
 # ---------------------------------------------------------------- node
 # part (a) is about restart_after_crash, which BeatNode turns on
 my $node = BeatNode::start('worker_crash', q{
@@ -77,15 +73,8 @@ sub log_since
     return PostgreSQL::Test::Utils::slurp_file($node->logfile, $offset);
 }
 
-sub wait_workers
-{
-    my ($n, $timeout) = @_;
-    return wait_for(
-        qq{SELECT count(*) = $n AND count(*) FILTER (WHERE pid IS NOT NULL
-                                                     AND state IN ('idle', 'busy')) = $n
-           FROM beat.worker_status WHERE flow = 'c'},
-        $timeout);
-}
+# Wait until flow c has $n workers, all started and running.
+sub wait_workers { return BeatNode::wait_workers($node, 'c', @_); }
 
 sql(qq{SELECT beat.create_flow('c',
         request => '{"url": "$BASE/json?key={{k}}&delay_ms={{d}}"}',
@@ -100,7 +89,7 @@ ok(defined wait_workers($WORKERS, 30), "the launcher starts $WORKERS workers for
 sub start_drain
 {
     my ($part, $min) = @_;
-    upstream_reset();
+    $up->reset;
     my $t0 = [gettimeofday];
     sql(qq{SELECT count(*) FROM beat.enqueue_batch('c',
              (SELECT array_agg(jsonb_build_object('k', '$part-' || g, 'd', 20) ORDER BY g)
@@ -160,7 +149,7 @@ sub check_part
                       OR result->'body'->'query'->>'key' IS DISTINCT FROM params->>'k')}),
         '0', "($part) every task has its result: status 200 and the echo of its own key");
 
-    my $st = upstream_stats();
+    my $st = $up->stats;
     my $bk = $st->{by_key};
     my @missing = grep { !$bk->{"$part-$_"} } 1 .. $N;
     is(scalar(@missing), 0, "($part) the upstream saw every key");

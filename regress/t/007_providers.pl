@@ -27,17 +27,7 @@ my $BASE = $up->base;
 my $http = HTTP::Tiny->new(timeout => 10);
 
 # Set per-key faults on the upstream (undef: clear them all).
-sub faults
-{
-	my ($f) = @_;
-	my $r =
-	  defined $f
-	  ? $http->post("$BASE/_faults",
-		{ content => encode_json($f), headers => { 'Content-Type' => 'application/json' } })
-	  : $http->delete("$BASE/_faults");
-	die "faults: $r->{status} $r->{content}" unless $r->{success};
-	return;
-}
+sub faults { return $up->faults(@_); }
 
 my $node = BeatNode::start('providers', q{
 beat.reaper_interval = '200ms'
@@ -56,13 +46,7 @@ sub wait_for
 }
 
 # Wait until every task of flow has ended (succeeded, dead or cancelled).
-sub settle
-{
-	my ($flow, $timeout) = @_;
-	return defined wait_for(
-		qq{SELECT count(*) FILTER (WHERE state NOT IN ('succeeded', 'dead', 'cancelled')) = 0
-		   FROM beat.task WHERE flow = '$flow'}, $timeout // 30);
-}
+sub settle { return BeatNode::settle($node, $_[0], $_[1] // 30); }
 
 my $SECRET_A = 'sk_live_AAAA_1f9c2e7d';
 my $SECRET_B = 'sk_live_BBBB_7a3b9e01';

@@ -48,14 +48,8 @@ sub wait_for
 	return $took;
 }
 
-# Every task of flow done (succeeded or dead).
-sub settle
-{
-	my ($flow, $timeout) = @_;
-	return wait_for(qq{SELECT count(*) = 0 FROM beat.task
-	                   WHERE flow = '$flow' AND state NOT IN ('succeeded', 'dead')},
-		$timeout // 60);
-}
+# Every task of flow ended.
+sub settle { return BeatNode::settle($node, @_); }
 
 # ------------------------------------------------ providers, mappings, flows
 sql(qq{SELECT beat.set_provider('acme', base_url => '$BASE/acme/v1',

@@ -59,4 +59,29 @@ sub wait_for
 	return undef;
 }
 
+# Wait until every task of $flow has ended (succeeded, dead or cancelled);
+# on a timeout, show the ones that have not.  True when they all ended.
+sub settle
+{
+	my ($node, $flow, $timeout) = @_;
+	my $open = qq{FROM beat.task WHERE flow = '$flow'
+	              AND state NOT IN ('succeeded', 'dead', 'cancelled')};
+	return 1 if defined wait_for($node, "SELECT count(*) = 0 $open", $timeout // 60);
+	diag $node->safe_psql('postgres',
+		"SELECT id, state, attempts, provider, last_error $open ORDER BY id LIMIT 10");
+	return 0;
+}
+
+# Wait until $flow has $n workers, all started and running (idle or busy).
+sub wait_workers
+{
+	my ($node, $flow, $n, $timeout) = @_;
+	return wait_for(
+		$node,
+		qq{SELECT count(*) = $n AND count(*) FILTER (WHERE pid IS NOT NULL
+		                                             AND state IN ('idle', 'busy')) = $n
+		   FROM beat.worker_status WHERE flow = '$flow'},
+		$timeout);
+}
+
 1;

@@ -74,6 +74,20 @@ sub stats
 	return decode_json($r->{content});
 }
 
+# POST /_faults with $f (a hash: API key => fault), or DELETE /_faults when
+# $f is undef: fail chosen API keys, or stop failing them.
+sub faults
+{
+	my ($self, $f) = @_;
+	my $r =
+	  defined $f
+	  ? $self->{http}->post("$self->{base}/_faults",
+		{ content => encode_json($f), headers => { 'Content-Type' => 'application/json' } })
+	  : $self->{http}->delete("$self->{base}/_faults");
+	die "faults: $r->{status} $r->{content}" unless $r->{success};
+	return;
+}
+
 # POST /_reset: zero the upstream's counters.
 sub reset
 {
