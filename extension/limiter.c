@@ -833,6 +833,8 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 		{
 			const LimitDef *d = strlen(keys[i]) < BEAT_KEY_MAX ? find_def(keys[i]) : NULL;
 
+			kdefs[i] = d;
+
 			if (d == NULL)
 				*error = psprintf("no rate limit matches key \"%s\"", keys[i]);
 			else if (mode != BEAT_REFUND &&
@@ -853,7 +855,8 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 
 	for (int i = 0; i < nkeys; i++)
 	{
-		const LimitDef *d = find_def(keys[i]);
+		/* the worker's path (error given) found them all above */
+		const LimitDef *d = error ? kdefs[i] : find_def(keys[i]);
 		int64		most;
 
 		if (strlen(keys[i]) >= BEAT_KEY_MAX)

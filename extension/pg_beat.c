@@ -365,10 +365,9 @@ beat_xact_callback(XactEvent event, void *arg)
 					if (beat_shared->launcher_latch != NULL)
 						SetLatch(beat_shared->launcher_latch);
 					LWLockRelease(beat_shared->lock);
-					/* workers reread their flow when they wake */
-					beat_set_worker_latches(NULL);
 				}
-				if (wake_all_flows)
+				/* after a flow change every worker rereads its flow when it wakes */
+				if (wake_launcher || wake_all_flows)
 					beat_set_worker_latches(NULL);
 				else
 					for (int i = 0; i < wake_nflows; i++)
