@@ -644,14 +644,12 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* Explain why worker does not hold the lease of task_id, and raise. */
-static void
-report_not_held(int64 task_id, const char *worker)
+/* The state of task_id and its lease owner (NULL if none); raise if it does not exist. */
+static char *
+task_state(int64 task_id, char **owner)
 {
 	Oid			argtypes[1] = {INT8OID};
 	Datum		v = Int64GetDatum(task_id);
-	char	   *state;
-	char	   *owner;
 
 	beat_prepare(&plan_task_state,
 				 "SELECT state::text, lease_owner FROM beat.task WHERE id = $1",
@@ -661,9 +659,18 @@ report_not_held(int64 task_id, const char *worker)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("task " INT64_FORMAT " does not exist", task_id)));
+	if (owner)
+		*owner = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	return SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+}
 
-	state = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-	owner = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+/* Explain why worker does not hold the lease of task_id, and raise. */
+static void
+report_not_held(int64 task_id, const char *worker)
+{
+	char	   *owner;
+	char	   *state = task_state(task_id, &owner);
+
 	if (owner != NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -998,18 +1005,7 @@ static void
 report_state(int64 task_id, const char *action, const char *done,
 			 const char *allowed, char **state)
 {
-	Oid			argtypes[1] = {INT8OID};
-	Datum		v = Int64GetDatum(task_id);
-
-	beat_prepare(&plan_task_state,
-				 "SELECT state::text, lease_owner FROM beat.task WHERE id = $1",
-				 1, argtypes);
-	beat_execute(plan_task_state, &v, " ", SPI_OK_SELECT);
-	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("task " INT64_FORMAT " does not exist", task_id)));
-	*state = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	*state = task_state(task_id, NULL);
 	if (strstr(allowed, *state) == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
