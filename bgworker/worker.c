@@ -1040,6 +1040,56 @@ make_array(Datum *values, bool *nulls, int n, Oid typid)
 											  typlen, typbyval, typalign));
 }
 
+/*
+ * One column of a batch statement: a value, or NULL, per row; passed to the
+ * statement as an array that unnest() turns back into rows.
+ */
+typedef struct Column
+{
+	Datum	   *v;
+	bool	   *nulls;
+	Oid			typid;
+} Column;
+
+static Column
+column(int n, Oid typid)
+{
+	Column		c;
+
+	c.v = palloc(sizeof(Datum) * Max(n, 1));
+	c.nulls = palloc0(sizeof(bool) * Max(n, 1));
+	c.typid = typid;
+	return c;
+}
+
+static void
+col_set(Column *c, int i, Datum v, bool isnull)
+{
+	c->v[i] = isnull ? (Datum) 0 : v;
+	c->nulls[i] = isnull;
+}
+
+/* A text value, NULL for a NULL string. */
+static void
+col_text(Column *c, int i, const char *s)
+{
+	col_set(c, i, s ? CStringGetTextDatum(s) : (Datum) 0, s == NULL);
+}
+
+static Datum
+col_array(const Column *c, int n)
+{
+	return make_array(c->v, c->nulls, n, c->typid);
+}
+
+/* Row i of t: the provider's name and the key's id (NULL when none). */
+static void
+col_provider_credential(Column *provs, Column *creds, int i, const Transfer *t)
+{
+	col_text(provs, i, provider_of(t) ? provider_of(t)->name : NULL);
+	col_set(creds, i, Int64GetDatum(cred_id_of(t)), cred_id_of(t) == 0);
+}
+
 /* What became of one finished transfer: its log row, and its task's fate. */
 typedef struct Judged
 {
@@ -1618,18 +1668,13 @@ record_finished(void)
 		Oid			argtypes[8] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID,
 			TEXTARRAYOID, FLOAT8ARRAYOID, TEXTOID, TEXTARRAYOID, INT8ARRAYOID};
 		Datum		values[8];
-		Datum	   *ids = palloc(sizeof(Datum) * nfinal);
-		Datum	   *outcomes = palloc(sizeof(Datum) * nfinal);
-		Datum	   *results = palloc(sizeof(Datum) * nfinal);
-		Datum	   *errors = palloc(sizeof(Datum) * nfinal);
-		Datum	   *waits = palloc(sizeof(Datum) * nfinal);
-		Datum	   *provs = palloc(sizeof(Datum) * nfinal);
-		Datum	   *creds = palloc(sizeof(Datum) * nfinal);
-		bool	   *result_nulls = palloc(sizeof(bool) * nfinal);
-		bool	   *error_nulls = palloc(sizeof(bool) * nfinal);
-		bool	   *wait_nulls = palloc(sizeof(bool) * nfinal);
-		bool	   *prov_nulls = palloc(sizeof(bool) * nfinal);
-		bool	   *cred_nulls = palloc(sizeof(bool) * nfinal);
+		Column		ids = column(nfinal, INT8OID);
+		Column		outcomes = column(nfinal, TEXTOID);
+		Column		results = column(nfinal, JSONBOID);
+		Column		errors = column(nfinal, TEXTOID);
+		Column		waits = column(nfinal, FLOAT8OID);
+		Column		provs = column(nfinal, TEXTOID);
+		Column		creds = column(nfinal, INT8OID);
 		int64	   *updated;
 		uint64		nupdated;
 		uint64		nsucceeded = 0;
@@ -1642,28 +1687,22 @@ record_finished(void)
 
 			if (!j->task_outcome)
 				continue;
-			ids[f] = Int64GetDatum(j->t->task_id);
-			outcomes[f] = CStringGetTextDatum(j->task_outcome);
-			results[f] = j->result;
-			result_nulls[f] = j->result_null;
-			errors[f] = j->error ? CStringGetTextDatum(j->error) : (Datum) 0;
-			error_nulls[f] = j->error == NULL;
-			waits[f] = Float8GetDatum(j->wait_s);
-			wait_nulls[f] = j->wait_null;
-			provs[f] = provider_of(j->t) ? CStringGetTextDatum(provider_of(j->t)->name) : (Datum) 0;
-			prov_nulls[f] = provider_of(j->t) == NULL;
-			creds[f] = Int64GetDatum(cred_id_of(j->t));
-			cred_nulls[f] = cred_id_of(j->t) == 0;
+			col_set(&ids, f, Int64GetDatum(j->t->task_id), false);
+			col_text(&outcomes, f, j->task_outcome);
+			col_set(&results, f, j->result, j->result_null);
+			col_text(&errors, f, j->error);
+			col_set(&waits, f, Float8GetDatum(j->wait_s), j->wait_null);
+			col_provider_credential(&provs, &creds, f, j->t);
 			f++;
 		}
-		values[0] = make_array(ids, NULL, nfinal, INT8OID);
-		values[1] = make_array(outcomes, NULL, nfinal, TEXTOID);
-		values[2] = make_array(results, result_nulls, nfinal, JSONBOID);
-		values[3] = make_array(errors, error_nulls, nfinal, TEXTOID);
-		values[4] = make_array(waits, wait_nulls, nfinal, FLOAT8OID);
+		values[0] = col_array(&ids, nfinal);
+		values[1] = col_array(&outcomes, nfinal);
+		values[2] = col_array(&results, nfinal);
+		values[3] = col_array(&errors, nfinal);
+		values[4] = col_array(&waits, nfinal);
 		values[5] = CStringGetTextDatum(worker_name);
-		values[6] = make_array(provs, prov_nulls, nfinal, TEXTOID);
-		values[7] = make_array(creds, cred_nulls, nfinal, INT8OID);
+		values[6] = col_array(&provs, nfinal);
+		values[7] = col_array(&creds, nfinal);
 
 		/*
 		 * ok: succeeded.  wait: back to scheduled after the wait, the
@@ -1931,55 +1970,46 @@ record_finished(void)
 			FLOAT8ARRAYOID, FLOAT8ARRAYOID, FLOAT8ARRAYOID, FLOAT8ARRAYOID,
 			FLOAT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
 		Datum		values[17];
-		Datum	   *ids = palloc(sizeof(Datum) * n);
-		Datum	   *attempts = palloc(sizeof(Datum) * n);
-		Datum	   *methods = palloc(sizeof(Datum) * n);
-		Datum	   *urls = palloc(sizeof(Datum) * n);
-		Datum	   *statuses = palloc(sizeof(Datum) * n);
-		bool	   *status_nulls = palloc(sizeof(bool) * n);
-		Datum	   *bytes = palloc(sizeof(Datum) * n);
-		Datum	   *outcomes = palloc(sizeof(Datum) * n);
-		Datum	   *errors = palloc(sizeof(Datum) * n);
-		bool	   *error_nulls = palloc(sizeof(bool) * n);
-		Datum	   *provs = palloc(sizeof(Datum) * n);
-		bool	   *prov_nulls = palloc(sizeof(bool) * n);
-		Datum	   *creds = palloc(sizeof(Datum) * n);
-		bool	   *cred_nulls = palloc(sizeof(bool) * n);
+		Column		ids = column(n, INT8OID);
+		Column		attempts = column(n, INT4OID);
+		Column		methods = column(n, TEXTOID);
+		Column		urls = column(n, TEXTOID);
+		Column		statuses = column(n, INT4OID);
+		Column		bytes = column(n, INT8OID);
+		Column		outcomes = column(n, TEXTOID);
+		Column		errors = column(n, TEXTOID);
+		Column		provs = column(n, TEXTOID);
+		Column		creds = column(n, INT8OID);
 
 		for (i = 0; i < n; i++)
 		{
 			Judged	   *j = &js[i];
 
 			t = j->t;
-			ids[i] = Int64GetDatum(t->task_id);
-			attempts[i] = Int32GetDatum(t->attempt);
-			methods[i] = CStringGetTextDatum(t->req.method[0] ? t->req.method : "GET");
-			urls[i] = CStringGetTextDatum(t->req.url_logged ? t->req.url_logged : "");
-			statuses[i] = Int32GetDatum((int32) j->status);
-			status_nulls[i] = j->status <= 0;
-			bytes[i] = Int64GetDatum((int64) t->len);
-			outcomes[i] = CStringGetTextDatum(j->log_outcome);
-			errors[i] = j->error ? CStringGetTextDatum(j->error) : (Datum) 0;
-			error_nulls[i] = j->error == NULL;
-			provs[i] = provider_of(t) ? CStringGetTextDatum(provider_of(t)->name) : (Datum) 0;
-			prov_nulls[i] = provider_of(t) == NULL;
-			creds[i] = Int64GetDatum(cred_id_of(t));
-			cred_nulls[i] = cred_id_of(t) == 0;
+			col_set(&ids, i, Int64GetDatum(t->task_id), false);
+			col_set(&attempts, i, Int32GetDatum(t->attempt), false);
+			col_text(&methods, i, t->req.method[0] ? t->req.method : "GET");
+			col_text(&urls, i, t->req.url_logged ? t->req.url_logged : "");
+			col_set(&statuses, i, Int32GetDatum((int32) j->status), j->status <= 0);
+			col_set(&bytes, i, Int64GetDatum((int64) t->len), false);
+			col_text(&outcomes, i, j->log_outcome);
+			col_text(&errors, i, j->error);
+			col_provider_credential(&provs, &creds, i, t);
 		}
 		values[0] = CStringGetTextDatum(flow_name);
 		values[1] = CStringGetTextDatum(worker_name);
-		values[2] = make_array(ids, NULL, n, INT8OID);
-		values[3] = make_array(attempts, NULL, n, INT4OID);
-		values[4] = make_array(methods, NULL, n, TEXTOID);
-		values[5] = make_array(urls, NULL, n, TEXTOID);
-		values[6] = make_array(statuses, status_nulls, n, INT4OID);
-		values[7] = make_array(bytes, NULL, n, INT8OID);
+		values[2] = col_array(&ids, n);
+		values[3] = col_array(&attempts, n);
+		values[4] = col_array(&methods, n);
+		values[5] = col_array(&urls, n);
+		values[6] = col_array(&statuses, n);
+		values[7] = col_array(&bytes, n);
 		for (int k = 0; k < 5; k++)
 			values[8 + k] = make_array(timings[k], timing_nulls[k], n, FLOAT8OID);
-		values[13] = make_array(outcomes, NULL, n, TEXTOID);
-		values[14] = make_array(errors, error_nulls, n, TEXTOID);
-		values[15] = make_array(provs, prov_nulls, n, TEXTOID);
-		values[16] = make_array(creds, cred_nulls, n, INT8OID);
+		values[13] = col_array(&outcomes, n);
+		values[14] = col_array(&errors, n);
+		values[15] = col_array(&provs, n);
+		values[16] = col_array(&creds, n);
 
 		beat_prepare(&plan_log,
 					 "INSERT INTO beat.http_log (task_id, flow, attempt, worker, method, url,"
