@@ -338,4 +338,41 @@ SELECT flow, paused, pending, scheduled, running, failed, succeeded, dead, cance
        oldest_due_age >= '0' AS has_due
 FROM beat.queue_stats ORDER BY flow;
 
+-- enqueue_batch, written directly ----------------------------------------
+
+-- A batch without keys is written directly (as COPY writes), not by an
+-- INSERT; it must make the same rows: defaults from the flow, a fresh
+-- correlation id each, scheduled when run_at is to come.
+SELECT count(*) FROM beat.create_flow('qd', max_attempts => 3, priority => 5);
+CREATE TEMP TABLE d (id bigint);
+INSERT INTO d SELECT * FROM beat.enqueue_batch('qd', '[{"n": 1}, {"n": 2}]'::jsonb);
+INSERT INTO d SELECT * FROM beat.enqueue_batch('qd', '[{"n": 3}]'::jsonb,
+    run_at => now() + interval '1 hour', correlation_id => '00000000-0000-4000-8000-000000000001');
+SELECT t.flow, t.state, t.priority, t.attempts, t.max_attempts, t.params,
+       t.run_at = t.created_at AS due_at_creation, t.updated_at = t.created_at AS fresh,
+       t.idempotency_key, t.result, t.last_error, t.lease_owner, t.lease_expires_at,
+       t.provider, t.credential_id, t.started_at, t.finished_at
+FROM d JOIN beat.task t USING (id) ORDER BY t.id;
+SELECT count(DISTINCT correlation_id) AS distinct_correlation_ids,
+       count(*) FILTER (WHERE correlation_id = '00000000-0000-4000-8000-000000000001') AS given
+FROM beat.task t JOIN d USING (id);
+-- The rows are in the indexes: claim finds the due ones, in order.
+SELECT array_agg(params->>'n' ORDER BY id) AS claimed FROM beat.claim('qd', 'w-direct', 10);
+-- A CHECK constraint added to the table holds for the direct write too,
+-- and nothing of the batch is left.
+SELECT count(*) AS before FROM beat.task \gset
+ALTER TABLE beat.task ADD CONSTRAINT no_bad CHECK (NOT params ? 'bad') NOT VALID;
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('qd', '[{}, {"bad": 1}]'::jsonb)$$);
+ALTER TABLE beat.task DROP CONSTRAINT no_bad;
+SELECT count(*) = :before AS nothing_written FROM beat.task;
+-- An insert trigger on the table sends the batch back to the INSERT,
+-- which fires it for every row.
+CREATE TABLE pg_temp.seen (params jsonb);
+CREATE FUNCTION pg_temp.seen() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO pg_temp.seen VALUES (NEW.params); RETURN NEW; END $$;
+CREATE TRIGGER seen BEFORE INSERT ON beat.task FOR EACH ROW EXECUTE FUNCTION pg_temp.seen();
+SELECT count(*) FROM beat.enqueue_batch('qd', '[{"t": 1}, {"t": 2}]'::jsonb);
+DROP TRIGGER seen ON beat.task;
+SELECT array_agg(params->>'t' ORDER BY params->>'t') AS trigger_saw FROM pg_temp.seen;
+
 DROP EXTENSION pg_beat;
