@@ -186,11 +186,18 @@ sub check_part
         '(a) no more leases handed back than workers x concurrency');
     cmp_ok($twice, '<=', $WORKERS * $CONCURRENCY,
         "(a) fetched twice (at-least-once): $twice, at most workers x concurrency in flight");
-    # A task fetched twice is one whose lease was handed back, so it was
-    # claimed again: attempts 2 (the crash counts the attempt).
+    # A task fetched twice was claimed twice: either its lease was handed
+    # back (attempts 2: the crash counts the attempt), or its claim was
+    # still in shared memory when the server crashed (attempts 1: a claim
+    # commits without waiting for the disk, and is lost with its answer
+    # unread; part (d) shows that an answer is never read before its claim
+    # is written out).
     my $keys = join(',', map { "'$_'" } @$twice_keys) || "''";
-    is( sql(qq{SELECT count(*) FROM beat.task WHERE params->>'k' IN ($keys) AND attempts = 2}),
-        $twice, '(a) every task fetched twice was one of the handed-back leases (attempts 2)');
+    my ($twice_a2, $twice_a1) = split /\|/, sql(qq{
+        SELECT count(*) FILTER (WHERE attempts = 2), count(*) FILTER (WHERE attempts = 1)
+        FROM beat.task WHERE params->>'k' IN ($keys)});
+    is($twice_a2 + $twice_a1, $twice, '(a) every task fetched twice has 1 or 2 attempts');
+    note "(a) fetched twice: $twice_a2 handed back, $twice_a1 whose claim was lost in the crash";
     is($a2, $handed, '(a) the tasks with 2 attempts are the leases handed back');
     is(sql(q{SELECT max(attempts) FROM beat.task WHERE params->>'k' LIKE 'a-%'}),
         ($handed ? '2' : '1'), '(a) no task spent more than 2 attempts');
@@ -247,6 +254,45 @@ sub check_part
     my ($twice, $twice_keys, $a2) = check_part('c', 'after a fast restart');
     is($a2, '0', '(c) no task spent more than one attempt (handed back at shutdown, not counted)');
     cmp_ok($twice, '<=', $handed, '(c) fetched twice: at most the tasks handed back in flight');
+}
+
+# ---------------------------------------------------------------- (d) a claim's attempt
+# A claim commits without waiting for the disk; the worker reads no answer
+# before the claim's WAL is written out of shared memory, so from then on
+# the attempt survives a crash (or a task whose answer crashes the worker
+# would never run out of attempts).  The WAL writer is stopped, so nothing
+# but the worker writes the claim out; a row lock on the task holds the
+# worker in its record pass, with the answer read, and it is killed there.
+{
+    sql(qq{SELECT beat.create_flow('d',
+            request => '{"url": "$BASE/json?key={{k}}&delay_ms=1000"}',
+            workers => 1, concurrency => 1, timeout => '10 s', max_attempts => 5)});
+    ok(defined BeatNode::wait_workers($node, 'd', 1, 30), '(d) flow d has its worker');
+    my $worker = sql(q{SELECT pid FROM beat.worker_status WHERE flow = 'd'});
+    my $ww = sql(q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'});
+    ok(kill('STOP', $ww), "(d) the WAL writer ($ww) is stopped");
+    my $id = sql(q{SELECT beat.enqueue('d', '{"k": "d-1"}')});
+    ok(defined wait_for(qq{SELECT state = 'running' FROM beat.task WHERE id = $id}, 10),
+        '(d) the worker claims the task');
+    my $s = $node->background_psql('postgres', on_error_stop => 0);
+    $s->query_safe('BEGIN');
+    $s->query_safe(qq{SELECT FROM beat.task WHERE id = $id FOR UPDATE});
+    ok( defined wait_for(qq{SELECT wait_event_type = 'Lock' FROM pg_stat_activity
+                            WHERE pid = $worker}, 10),
+        '(d) the worker has the answer and waits for the row to record it');
+    my $offset = -s $node->logfile;
+    ok(kill('KILL', $worker), "(d) kill -9 of the worker ($worker)");
+    $node->wait_for_log(qr/terminating any other active server processes/, $offset);
+    # the postmaster has sent it SIGQUIT; let it take it
+    sleep 1;
+    kill('CONT', $ww);
+    $node->wait_for_log(qr/all server processes terminated; reinitializing/, $offset);
+    eval { $s->quit; };
+    ok(defined wait_for('SELECT true', 60), '(d) the server accepts connections after crash recovery');
+    ok(BeatNode::settle($node, 'd', 30), '(d) the task ends');
+    is(sql(qq{SELECT state || ' ' || attempts FROM beat.task WHERE id = $id}), 'succeeded 2',
+        '(d) it succeeded on its second attempt: the first outlived the crash');
+    is($up->stats->{by_key}{'d-1'}, 2, '(d) the upstream was called twice');
 }
 
 # Every task of the three parts, once.
