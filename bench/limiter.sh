@@ -6,7 +6,8 @@
 #      backend), 3 stacked keys: checks/s, p50 and p99 of one check; then two
 #      backends at once;
 #   2. SQL: pgbench running SELECT beat.acquire('{3 keys}') against SELECT 1,
-#      1 and 8 clients, alternating, 3 runs of 10 s each, median ratio;
+#      1 and 8 clients, alternating, 5 runs of 10 s each: the median tps
+#      ratio, and the CPU each transaction cost (backend and pgbench);
 #   3. Redis: the same stacked check (3 GCRA keys, all or nothing) as a Lua
 #      script, EVALSHA through redis-benchmark, 1 and 8 clients.
 #
@@ -74,21 +75,50 @@ echo "| C path, 2 backends at once (shared global keys) | $a + $b = $((a + b)) c
 echo "SELECT beat.acquire('$KEYS');" >"$DIR/acquire.sql"
 echo "SELECT 1;" >"$DIR/one.sql"
 chown postgres "$DIR"/*.sql
-pgb() { as_pg "$PGBIN/pgbench" -n -h "$DIR" -p "$PORT" -T "$SECONDS_EACH" -M prepared "$@" postgres 2>"$DIR/pgbench.err" | awk '/^tps/ {printf "%.0f", $3}'; }
-# Alternate the two, three times each, and take the median of the three
+PM=$(head -1 "$DIR/data/postmaster.pid")
+TICK=$(getconf CLK_TCK)
+# CPU ticks of the postmaster's exited children: the backends of a pgbench
+# run, once it has ended.
+reaped() { awk '{print $16 + $17}' "/proc/$PM/stat"; }
+# pgb FILE CLIENTS: one pgbench run; prints "tps transactions cpu_seconds",
+# the CPU being that of its backends and of pgbench itself.
+pgb() {
+    local before after times
+    before=$(reaped)
+    times=$( { TIMEFORMAT='%3U %3S'; time as_pg "$PGBIN/pgbench" -n -h "$DIR" -p "$PORT" \
+        -T "$SECONDS_EACH" -M prepared -c "$2" -j "$(($2 < 2 ? 1 : 2))" -f "$1" postgres \
+        >"$DIR/pgbench.out" 2>"$DIR/pgbench.err"; } 2>&1 )
+    sleep 0.3
+    after=$(reaped)
+    awk -v t="$times" -v b="$before" -v a="$after" -v tick="$TICK" '
+        /^tps/ {tps = $3} /actually processed/ {n = $NF; sub(/\/.*/, "", n)}
+        END {split(t, u, " "); if (tps != "") printf "%.0f %d %.3f", tps, n, (a - b) / tick + u[1] + u[2]}' \
+        "$DIR/pgbench.out"
+}
+# Alternate the two, five times each, and take the median of the five tps
 # ratios: this machine drifts by more than the difference being measured.
+# The CPU each transaction cost (its backend and pgbench, summed over the
+# runs) does not drift with the machine's other load: its ratio is what the
+# tps ratio would be on a machine doing nothing else.
+ROUNDS=${BENCH_ROUNDS:-5}
 for c in 1 8; do
     ratios=()
     pairs=""
-    for round in 1 2 3; do
-        one_tps=$(pgb -c "$c" -j "$((c < 2 ? 1 : 2))" -f "$DIR/one.sql")
-        acq_tps=$(pgb -c "$c" -j "$((c < 2 ? 1 : 2))" -f "$DIR/acquire.sql")
-        [ -n "$acq_tps" ] || { echo "pgbench failed:"; head -3 "$DIR/pgbench.err"; exit 1; }
+    cpu_one=0; n_one=0; cpu_acq=0; n_acq=0
+    for round in $(seq "$ROUNDS"); do
+        read -r one_tps one_n one_cpu <<<"$(pgb "$DIR/one.sql" "$c")"
+        read -r acq_tps acq_n acq_cpu <<<"$(pgb "$DIR/acquire.sql" "$c")"
+        [ -n "$acq_tps" ] && [ -n "$one_tps" ] || { echo "pgbench failed:"; head -3 "$DIR/pgbench.err"; exit 1; }
         ratios+=("$(awk -v a="$acq_tps" -v o="$one_tps" 'BEGIN {printf "%.1f", 100 * a / o}')")
         pairs="$pairs $acq_tps/$one_tps"
+        cpu_one=$(awk -v x="$cpu_one" -v y="$one_cpu" 'BEGIN {print x + y}'); n_one=$((n_one + one_n))
+        cpu_acq=$(awk -v x="$cpu_acq" -v y="$acq_cpu" 'BEGIN {print x + y}'); n_acq=$((n_acq + acq_n))
     done
-    median=$(printf '%s\n' "${ratios[@]}" | sort -n | sed -n 2p)
-    echo "| SQL, $c client(s): SELECT beat.acquire(3 keys) vs SELECT 1, 3 alternating runs (tps acquire/select) |$pairs: median ${median}% of SELECT 1 |"
+    median=$(printf '%s\n' "${ratios[@]}" | sort -n | sed -n "$(( (ROUNDS + 1) / 2 ))p")
+    cpu=$(awk -v co="$cpu_one" -v no="$n_one" -v ca="$cpu_acq" -v na="$n_acq" \
+        'BEGIN {o = 1e6 * co / no; a = 1e6 * ca / na; printf "%.1f us acquire, %.1f us SELECT 1: %.1f%%", a, o, 100 * o / a}')
+    echo "| SQL, $c client(s): SELECT beat.acquire(3 keys) vs SELECT 1, $ROUNDS alternating runs of ${SECONDS_EACH} s (tps acquire/select) |$pairs: median ${median}% of SELECT 1 |"
+    echo "| SQL, $c client(s): CPU per transaction (backends and pgbench, all runs) | $cpu |"
 done
 
 # 3. Redis: the same stacked check as a Lua script (GCRA per key, all or nothing)

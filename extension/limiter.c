@@ -60,6 +60,7 @@
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "utils/array.h"
+#include "utils/arrayaccess.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
@@ -149,9 +150,12 @@ typedef union PaddedSpin
 
 typedef struct LimiterShared
 {
-	pg_atomic_uint32 defs_generation;
+	pg_atomic_uint32 defs_generation;	/* read by every check */
 	int			max_keys;
 	LWLock	   *file_lock;		/* serializes writes of LIMITS_FILE */
+	/* the rest of this cache line: the locks taken by every check are elsewhere */
+	char		pad[PG_CACHE_LINE_SIZE - sizeof(pg_atomic_uint32) - sizeof(int) -
+					sizeof(LWLock *)];
 	PaddedSpin	locks[LIMITER_PARTITIONS];	/* partition locks */
 } LimiterShared;
 
@@ -785,12 +789,6 @@ raise_marks(int64 cost)
 	pfree(snap);
 }
 
-/* Compare ints for qsort. */
-static int
-cmp_int(const void *a, const void *b)
-{
-	return *(const int *) a - *(const int *) b;
-}
 
 /*
  * The limiter itself: decide cost for every key at once, and charge all
@@ -883,8 +881,16 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 		parts[i] = hashes[i] % LIMITER_PARTITIONS;
 	}
 
-	/* the partitions to lock, each once, ascending */
-	qsort(parts, nkeys, sizeof(int), cmp_int);
+	/* the partitions to lock, each once, ascending (at most 16: insertion sort) */
+	for (int i = 1; i < nkeys; i++)
+	{
+		int			p = parts[i];
+		int			j = i;
+
+		for (; j > 0 && parts[j - 1] > p; j--)
+			parts[j] = parts[j - 1];
+		parts[j] = p;
+	}
 	nparts = 0;
 	for (int i = 0; i < nkeys; i++)
 		if (nparts == 0 || parts[i] != parts[nparts - 1])
@@ -1038,43 +1044,90 @@ beat_limiter_init(void)
 	RegisterXactCallback(limiter_xact_callback, NULL);
 }
 
-/* The keys of a text[] argument as C strings; raise on NULLs or none. */
-static const char **
-keys_arg(ArrayType *arr, int *n)
+/*
+ * The keys of a text[] argument as C strings in buf, which has room for
+ * BEAT_MAX_STACKED_KEYS; raise on NULLs, none, too many or too long.
+ * Returns how many.
+ */
+static int
+keys_arg(ArrayType *arr, char (*buf)[BEAT_KEY_MAX], const char **keys)
 {
-	Datum	   *elems;
-	bool	   *nulls;
-	const char **keys;
+	array_iter	it;
+	int			n;
 
 	if (ARR_NDIM(arr) > 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
 				 errmsg("keys must be a one-dimensional array")));
-	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, n);
-	if (*n == 0)
+	n = ArrayGetNItems(ARR_NDIM(arr), ARR_DIMS(arr));
+	if (n == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("keys must not be empty")));
-	keys = palloc(sizeof(char *) * *n);
-	for (int i = 0; i < *n; i++)
+	if (n > BEAT_MAX_STACKED_KEYS)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("at most %d keys can be acquired together", BEAT_MAX_STACKED_KEYS)));
+	array_iter_setup(&it, (AnyArrayType *) arr);
+	for (int i = 0; i < n; i++)
 	{
-		if (nulls[i])
+		bool		isnull;
+		Datum		d = array_iter_next(&it, &isnull, i, -1, false, TYPALIGN_INT);
+		text	   *t;
+		int			len;
+
+		if (isnull)
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("keys must not contain nulls")));
-		keys[i] = TextDatumGetCString(elems[i]);
+		t = DatumGetTextPP(d);
+		len = VARSIZE_ANY_EXHDR(t);
+		if (len >= BEAT_KEY_MAX)
+			ereport(ERROR,
+					(errcode(ERRCODE_NAME_TOO_LONG),
+					 errmsg("rate limit key is too long"),
+					 errdetail("Keys have at most %d bytes.", BEAT_KEY_MAX - 1)));
+		memcpy(buf[i], VARDATA_ANY(t), len);
+		buf[i][len] = '\0';
+		keys[i] = buf[i];
 	}
-	return keys;
+	return n;
 }
 
-/* An interval of us microseconds. */
+/* An interval of us microseconds, in *iv. */
 static Datum
-interval_us(int64 us)
+interval_us(Interval *iv, int64 us)
 {
-	Interval   *iv = palloc0(sizeof(Interval));
-
+	memset(iv, 0, sizeof(Interval));
 	iv->time = us;
 	return IntervalPGetDatum(iv);
+}
+
+/*
+ * The result descriptor of beat.acquire and beat.peek, blessed once per
+ * backend: fn_extra lasts one execution only, and building it was the
+ * largest cost of a call after the round trip.  Kept per function oid, so
+ * a function created again (by an update) gets its own.
+ */
+static TupleDesc
+acquire_result_desc(FunctionCallInfo fcinfo, BeatLimiterMode mode)
+{
+	static Oid	fn[2];
+	static TupleDesc desc[2];
+	int			i = mode == BEAT_PEEK;
+
+	if (desc[i] == NULL || fn[i] != fcinfo->flinfo->fn_oid)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+		TupleDesc	d;
+
+		if (get_call_result_type(fcinfo, NULL, &d) != TYPEFUNC_COMPOSITE)
+			elog(ERROR, "pg_beat: acquire must return a record");
+		desc[i] = BlessTupleDesc(CreateTupleDescCopy(d));
+		fn[i] = fcinfo->flinfo->fn_oid;
+		MemoryContextSwitchTo(old);
+	}
+	return desc[i];
 }
 
 /* Shared body of beat.acquire and beat.peek. */
@@ -1084,7 +1137,10 @@ acquire_sql(FunctionCallInfo fcinfo, BeatLimiterMode mode)
 	TupleDesc	tupdesc;
 	Datum		values[5];
 	bool		nulls[5] = {false, false, false, false, false};
-	const char **keys;
+	char		buf[BEAT_MAX_STACKED_KEYS][BEAT_KEY_MAX];
+	const char *keys[BEAT_MAX_STACKED_KEYS];
+	Interval	retry;
+	Interval	reset;
 	int			n;
 	int64		cost;
 	BeatAcquireResult r;
@@ -1096,32 +1152,21 @@ acquire_sql(FunctionCallInfo fcinfo, BeatLimiterMode mode)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("cost must be positive")));
-	keys = keys_arg(PG_GETARG_ARRAYTYPE_P(0), &n);
-
-	/* the result's descriptor, blessed once per call site */
-	tupdesc = (TupleDesc) fcinfo->flinfo->fn_extra;
-	if (tupdesc == NULL)
-	{
-		MemoryContext old = MemoryContextSwitchTo(fcinfo->flinfo->fn_mcxt);
-
-		if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-			elog(ERROR, "pg_beat: acquire must return a record");
-		tupdesc = BlessTupleDesc(CreateTupleDescCopy(tupdesc));
-		fcinfo->flinfo->fn_extra = tupdesc;
-		MemoryContextSwitchTo(old);
-	}
+	n = keys_arg(PG_GETARG_ARRAYTYPE_P(0), buf, keys);
+	tupdesc = acquire_result_desc(fcinfo, mode);
 
 	beat_limiter_refresh();
 	r = beat_limiter_apply(keys, n, cost, mode);
 
 	values[0] = BoolGetDatum(r.allowed);
-	values[1] = interval_us(r.allowed ? 0 : r.retry_us);
+	values[1] = interval_us(&retry, r.allowed ? 0 : r.retry_us);
 	if (r.allowed)
 		nulls[2] = true;
 	else
 		values[2] = CStringGetTextDatum(r.blocking_key);
 	values[3] = Int64GetDatum(r.remaining);
-	values[4] = interval_us(r.reset_us);
+	values[4] = interval_us(&reset, r.reset_us);
+	/* heap_form_tuple copies the intervals out of this frame */
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
@@ -1143,7 +1188,8 @@ beat_peek(PG_FUNCTION_ARGS)
 Datum
 beat_refund(PG_FUNCTION_ARGS)
 {
-	const char **keys;
+	char		buf[BEAT_MAX_STACKED_KEYS][BEAT_KEY_MAX];
+	const char *keys[BEAT_MAX_STACKED_KEYS];
 	int			n;
 
 	beat_require(fcinfo, 0, "keys");
@@ -1152,7 +1198,7 @@ beat_refund(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("cost must be positive")));
-	keys = keys_arg(PG_GETARG_ARRAYTYPE_P(0), &n);
+	n = keys_arg(PG_GETARG_ARRAYTYPE_P(0), buf, keys);
 	beat_limiter_refresh();
 	(void) beat_limiter_apply(keys, n, PG_GETARG_INT32(1), BEAT_REFUND);
 	PG_RETURN_VOID();
@@ -1290,7 +1336,8 @@ Datum
 beat_bench_acquire(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	const char **keys;
+	char		buf[BEAT_MAX_STACKED_KEYS][BEAT_KEY_MAX];
+	const char *keys[BEAT_MAX_STACKED_KEYS];
 	int			n;
 	int			iterations = PG_GETARG_INT32(1);
 	int64	   *ns;
@@ -1302,7 +1349,7 @@ beat_bench_acquire(PG_FUNCTION_ARGS)
 
 	beat_require(fcinfo, 0, "keys");
 	beat_check_range(iterations, 1, 100000000, "iterations");
-	keys = keys_arg(PG_GETARG_ARRAYTYPE_P(0), &n);
+	n = keys_arg(PG_GETARG_ARRAYTYPE_P(0), buf, keys);
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "pg_beat: bench_acquire must return a record");
 	beat_limiter_refresh();
