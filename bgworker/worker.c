@@ -41,7 +41,6 @@
 #include <unistd.h>
 
 #include "access/xact.h"
-#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -56,7 +55,6 @@
 /* fmgrprotos.h declares the SQL function json_object; jansson has its own */
 #define json_object pg_sql_json_object
 #include "utils/builtins.h"
-#include "utils/guc.h"
 #undef json_object				/* and never call it: see http.h */
 #include "utils/jsonb.h"
 #include "utils/datum.h"
@@ -135,7 +133,6 @@ static Transfer *finished = NULL;	/* done with curl, to be recorded */
 static int	n_finished = 0;
 static uint64 stat_done = 0;
 static uint64 stat_failed = 0;
-static XLogRecPtr claim_lsn = InvalidXLogRecPtr;	/* the last claim's commit */
 
 static FlowConfig cfg;
 static Route *route = NULL;		/* cfg.is_op: the providers of the operation */
@@ -740,19 +737,10 @@ claim_and_start(int n, TimestampTz *next_due)
 	xact_begin("pg_beat: claim");
 
 	/*
-	 * The claim commits without waiting for its WAL to reach the disk:
-	 * that flush would sit between a task's enqueue and its request, the
-	 * largest share of a pickup.  A claim lost in a crash of the machine
-	 * only leaves its tasks pending again, as if never claimed.  What must
-	 * not be lost is the attempt it counts once an answer is read: a task
-	 * whose answer crashes the worker must run out of attempts.  So
-	 * record_finished() reads no answer before the claim's WAL has been
-	 * written out of shared memory, where it survives any crash of
-	 * Postgres; the WAL writer, woken by this commit, has usually done so
-	 * while the request was on the wire.
+	 * The claim's commit is durable, though a lost claim would only leave
+	 * its tasks pending: the attempt it counts must survive a crash, or a
+	 * task that crashes the worker would never run out of attempts.
 	 */
-	(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_LOCAL, true, 0, false);
 	beat_spi_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 
@@ -939,8 +927,6 @@ claim_and_start(int n, TimestampTz *next_due)
 	}
 
 	xact_end(true);
-	if (claimed > 0)
-		claim_lsn = XactLastCommitEnd;
 	return claimed == asked;
 }
 
@@ -1605,10 +1591,6 @@ record_finished(void)
 	Transfer   *t;
 	int			i;
 	int			nfinal = 0;
-
-	/* the claims behind these answers survive a crash before we read them */
-	if (claim_lsn != InvalidXLogRecPtr && GetXLogWriteRecPtr() < claim_lsn)
-		XLogFlush(claim_lsn);
 
 	/* what calling again queues now is for the next pass */
 	finished = NULL;
