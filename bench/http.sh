@@ -45,6 +45,11 @@
 #                      runs; see bench/README.md for why this knob exists
 #   BENCH_Q_TIMEOUT    cap on any one statement of the script, s (120)
 #   BENCH_KEEP=1       keep the temporary directories at the end
+#   BENCH_PG_CONF      lines added to postgresql.conf after the defaults,
+#                      for diagnosis only (for example
+#                      "synchronous_commit = off" shows what the disk's
+#                      flushes cost); the report prints them, and its
+#                      figures are then not the benchmark's
 
 set -euo pipefail
 
@@ -59,6 +64,7 @@ WRK_SECONDS=${BENCH_WRK_SECONDS:-10}
 PERF=${BENCH_PERF:-0}
 KEEP=${BENCH_KEEP:-0}
 FRESH=${BENCH_FRESH_CLUSTER:-0}
+EXTRA_CONF=${BENCH_PG_CONF:-}
 Q_TIMEOUT=${BENCH_Q_TIMEOUT:-120}   # seconds any one statement of ours may take
 
 # References from the issue (this kind of machine).
@@ -318,6 +324,7 @@ synchronous_commit = on
 full_page_writes = on
 # beat.http_log_retention left at its default
 EOF
+    [ -z "$EXTRA_CONF" ] || printf '# BENCH_PG_CONF (diagnosis only)\n%s\n' "$EXTRA_CONF" >>"$DATA/postgresql.conf"
     log "starting the server (port $PORT, socket in $DIR)"
     as_pg "$PGBIN/pg_ctl" -D "$DATA" -l "$SERVER_LOG" -w -t 60 start >/dev/null \
         || die "the server did not start"
@@ -496,6 +503,7 @@ report() {  # [failure message]
     echo "- pg_beat ${EXT_VERSION:-?} (pg_beat.so sha256 $(sha256sum "$PGLIB/pg_beat.so" | cut -c1-12)); $(dpkg-query -W -f '${Package} ${Version}' libcurl4 2>/dev/null); $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'); $(dpkg-query -W -f '${Package} ${Version}' wrk 2>/dev/null)"
     echo "- nginx: 1 worker process, keepalive_requests 100000, access_log off, body $BODY_BYTES bytes at $URL"
     echo "- nginx, Postgres (with pg_beat's workers), wrk and this script's psql share the same $(nproc) cores"
+    [ -z "$EXTRA_CONF" ] || echo "- **BENCH_PG_CONF, for diagnosis only; not the benchmark's settings:** $(echo "$EXTRA_CONF" | tr '\n' ';')"
     if [ "$FRESH" = 1 ]; then
         echo "- BENCH_FRESH_CLUSTER=1: each throughput run and the latency series on a new cluster (initdb)"
     else
