@@ -109,6 +109,8 @@ extern char *beat_worker_name(const char *flow, int index, int pid);
 /* util.c: saved plans and argument checks */
 extern SPIPlanPtr beat_prepare(SPIPlanPtr *cache, const char *sql,
 							   int nargs, Oid *argtypes);
+extern SPIPlanPtr beat_prepare_opts(SPIPlanPtr *cache, const char *sql,
+									 int nargs, Oid *argtypes, int options);
 extern void beat_execute(SPIPlanPtr plan, Datum *values, const char *nulls,
 						 int expected);
 extern void beat_spi_connect(void);

@@ -37,6 +37,7 @@
 #include "funcapi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
@@ -907,13 +908,13 @@ promote_due(Datum flow)
 {
 	Oid			argtypes[1] = {TEXTOID};
 
-	beat_prepare(&plan_promote,
+	beat_prepare_opts(&plan_promote,
 				 "UPDATE beat.task SET state = 'pending', updated_at = statement_timestamp()"
 				 " WHERE id = ANY (ARRAY(SELECT id FROM beat.task"
 				 "   WHERE flow = $1 AND state IN ('scheduled', 'failed')"
 				 "     AND run_at <= statement_timestamp()"
 				 "   FOR UPDATE SKIP LOCKED))",
-				 1, argtypes);
+				 1, argtypes, CURSOR_OPT_GENERIC_PLAN);
 	beat_execute(plan_promote, &flow, " ", SPI_OK_UPDATE);
 }
 
@@ -926,6 +927,7 @@ beat_claim(PG_FUNCTION_ARGS)
 	Datum		values[4];
 	char		nulls[5] = "    ";
 	int			natts;
+	int			nest;
 
 	beat_require(fcinfo, 0, "flow");
 	beat_require(fcinfo, 1, "worker");
@@ -944,8 +946,20 @@ beat_claim(PG_FUNCTION_ARGS)
 	nulls[3] = PG_ARGISNULL(3) ? 'n' : ' ';
 
 	beat_spi_connect();
+
+	/*
+	 * Promote and claim run generic plans: their custom plans (the LIMIT
+	 * known) were made anew on every call, and planning took longer than
+	 * running.  A generic plan outlives the table it was made for, so it
+	 * is made with sequential scans off: whatever size beat.task had then
+	 * (empty, at a worker's first claim), every step of the plan goes
+	 * through an index.  Nothing else is planned in this nest level.
+	 */
+	nest = NewGUCNestLevel();
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
 	promote_due(values[0]);
-	beat_prepare(&plan_claim,
+	beat_prepare_opts(&plan_claim,
 				 "WITH u AS ("
 				 "  UPDATE beat.task t SET state = 'running', attempts = t.attempts + 1,"
 				 "    lease_owner = $2,"
@@ -963,8 +977,9 @@ beat_claim(PG_FUNCTION_ARGS)
 				 "    t.idempotency_key, t.correlation_id, t.run_at, t.created_at,"
 				 "    t.lease_expires_at"
 				 ") SELECT * FROM u ORDER BY priority, run_at, id",
-				 4, argtypes);
+				 4, argtypes, CURSOR_OPT_GENERIC_PLAN);
 	beat_execute(plan_claim, values, nulls, SPI_OK_SELECT);
+	AtEOXact_GUC(true, nest);
 	if (SPI_processed == 0)
 	{
 		/* an unknown flow raises; a paused or empty one returns no rows */

@@ -21,12 +21,20 @@
 SPIPlanPtr
 beat_prepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 {
+	return beat_prepare_opts(cache, sql, nargs, argtypes, 0);
+}
+
+/* The same with cursor options (CURSOR_OPT_GENERIC_PLAN). */
+SPIPlanPtr
+beat_prepare_opts(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes,
+				  int options)
+{
 	SPIPlanPtr	plan;
 
 	if (*cache != NULL)
 		return *cache;
 
-	plan = SPI_prepare(sql, nargs, argtypes);
+	plan = SPI_prepare_cursor(sql, nargs, argtypes, options);
 	if (plan == NULL)
 		elog(ERROR, "pg_beat: could not prepare statement: %s",
 			 SPI_result_code_string(SPI_result));

@@ -375,4 +375,20 @@ SELECT count(*) FROM beat.enqueue_batch('qd', '[{"t": 1}, {"t": 2}]'::jsonb);
 DROP TRIGGER seen ON beat.task;
 SELECT array_agg(params->>'t' ORDER BY params->>'t') AS trigger_saw FROM pg_temp.seen;
 
+-- claim, planned once ----------------------------------------------------
+
+-- Promote and claim keep one generic plan per session, made with
+-- sequential scans off: made while beat.task is empty, it still goes
+-- through the indexes once the table holds 3,000 tasks.
+SELECT count(*) FROM beat.create_flow('qs', workers => 0);
+TRUNCATE beat.task;
+SELECT count(*) FROM beat.claim('qs', 'w-plan', 10);
+SELECT count(*) FROM beat.enqueue_batch('qs', (SELECT array_agg('{}'::jsonb) FROM generate_series(1, 3000)));
+SELECT pg_stat_force_next_flush();
+SELECT seq_scan AS seq0 FROM pg_stat_user_tables WHERE relid = 'beat.task'::regclass \gset
+SELECT count(*) FROM beat.claim('qs', 'w-plan', 10);
+SELECT count(*) FROM beat.claim('qs', 'w-plan', 10);
+SELECT pg_stat_force_next_flush();
+SELECT seq_scan - :seq0 AS claim_seq_scans FROM pg_stat_user_tables WHERE relid = 'beat.task'::regclass;
+
 DROP EXTENSION pg_beat;
