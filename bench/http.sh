@@ -52,6 +52,7 @@
 #                      figures are then not the benchmark's
 
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PORT=${BENCH_PORT:-55433}
@@ -99,6 +100,7 @@ as_pg() { runuser -u postgres -- "$@"; }
 PGLIB=$("$PGBIN/pg_config" --pkglibdir)
 PGSHARE=$("$PGBIN/pg_config" --sharedir)
 [ -f "$PGLIB/pg_beat.so" ] || die "$PGLIB/pg_beat.so is missing: run 'make -C $REPO install' first"
+require_plain_build "$PGLIB/pg_beat.so"
 [ -f "$PGSHARE/extension/pg_beat.control" ] || die "pg_beat.control is missing: run 'make -C $REPO install' first"
 
 # --- 1. nginx and wrk -----------------------------------------------------------

@@ -15,9 +15,11 @@
 # Everything runs on this machine: a throwaway cluster on a unix socket and
 # a redis-server on 127.0.0.1; both are stopped at the end.
 set -uo pipefail
+. "$(dirname "$0")/lib.sh"
 
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 PGBIN=$("$PG_CONFIG" --bindir)
+require_plain_build "$("$PG_CONFIG" --pkglibdir)/pg_beat.so"
 PORT=${BENCH_PORT:-55434}
 SECONDS_EACH=${BENCH_SECONDS:-10}
 

@@ -23,6 +23,7 @@
 #                    second each; the report gives their median  (3)
 
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PORT=${BENCH_PORT:-55432}
@@ -70,6 +71,7 @@ PGLIB=$("$PGBIN/pg_config" --pkglibdir)
 PGSHARE=$("$PGBIN/pg_config" --sharedir)
 if [ -n "$PRELOAD" ] && [ "$EXTENSION" = pg_beat ]; then
     [ -f "$PGLIB/pg_beat.so" ] || die "$PGLIB/pg_beat.so is missing: run 'make -C $REPO install' first"
+    require_plain_build "$PGLIB/pg_beat.so"
 fi
 [ -f "$PGSHARE/extension/$EXTENSION.control" ] \
     || die "$PGSHARE/extension/$EXTENSION.control is missing: run 'make -C $REPO install' first"
