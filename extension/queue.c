@@ -25,16 +25,19 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/dependency.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
 #include "funcapi.h"
+#include "nodes/makefuncs.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
@@ -494,6 +497,12 @@ static const char *const direct_cols[D_NCOLS] = {
 	"params", "correlation_id", "created_at", "updated_at"
 };
 
+/* Their types (the state's is an enum, checked apart). */
+static const Oid direct_types[D_NCOLS] = {
+	INT8OID, TEXTOID, InvalidOid, INT4OID, TIMESTAMPTZOID, INT4OID, INT4OID,
+	JSONBOID, UUIDOID, TIMESTAMPTZOID, TIMESTAMPTZOID
+};
+
 /* The columns a new task leaves NULL. */
 static const char *const direct_null_cols[] = {
 	"idempotency_key", "result", "last_error", "lease_owner",
@@ -503,14 +512,21 @@ static const char *const direct_null_cols[] = {
 
 #define DIRECT_CHUNK 100		/* rows per heap_multi_insert: a few pages */
 
-/* Find direct_cols in rel; false if rel is not exactly what we fill. */
+/*
+ * Find direct_cols in rel; false if rel is not exactly what we fill: a
+ * plain heap table, no rules, row security or insert triggers, and every
+ * column one we know, of the type we write, the NULL ones without a
+ * default.
+ */
 static bool
 direct_columns(Relation rel, AttrNumber *att)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
 	TriggerDesc *td = rel->trigdesc;
 
-	if (rel->rd_rel->relrowsecurity ||
+	if (rel->rd_rel->relkind != RELKIND_RELATION ||
+		rel->rd_tableam != GetHeapamTableAmRoutine() ||
+		rel->rd_rel->relhasrules || rel->rd_rel->relrowsecurity ||
 		(td && (td->trig_insert_before_row || td->trig_insert_after_row ||
 				td->trig_insert_instead_row || td->trig_insert_before_statement ||
 				td->trig_insert_after_statement || td->trig_insert_new_table)))
@@ -530,11 +546,19 @@ direct_columns(Relation rel, AttrNumber *att)
 		for (int c = 0; c < D_NCOLS && !known; c++)
 			if (strcmp(name, direct_cols[c]) == 0)
 			{
+				if (c == D_STATE ? get_typtype(a->atttypid) != TYPTYPE_ENUM :
+					a->atttypid != direct_types[c])
+					return false;
 				att[c] = a->attnum;
 				known = true;
 			}
 		for (int c = 0; c < lengthof(direct_null_cols) && !known; c++)
-			known = strcmp(name, direct_null_cols[c]) == 0;
+			if (strcmp(name, direct_null_cols[c]) == 0)
+			{
+				if (a->atthasdef)
+					return false;
+				known = true;
+			}
 		if (!known)
 			return false;
 	}
@@ -552,7 +576,7 @@ direct_columns(Relation rel, AttrNumber *att)
 static bool
 insert_direct(EnqueueArgs *a, Datum *params, Datum *cids, int count, int64 *ids)
 {
-	Oid			relid = get_relname_relid("task", get_namespace_oid("beat", false));
+	Oid			relid;
 	Relation	rel;
 	AttrNumber	att[D_NCOLS];
 	Oid			argtypes[1] = {TEXTOID};
@@ -576,7 +600,8 @@ insert_direct(EnqueueArgs *a, Datum *params, Datum *cids, int count, int64 *ids)
 	 * The table lock first, then the flow: a drop_flow that committed
 	 * while we waited for the lock is seen by the snapshot taken after it.
 	 */
-	rel = table_open(relid, RowExclusiveLock);
+	rel = table_openrv(makeRangeVar("beat", "task", -1), RowExclusiveLock);
+	relid = RelationGetRelid(rel);
 	if (!direct_columns(rel, att))
 	{
 		table_close(rel, NoLock);
@@ -953,7 +978,8 @@ beat_claim(PG_FUNCTION_ARGS)
 	 * running.  A generic plan outlives the table it was made for, so it
 	 * is made with sequential scans off: whatever size beat.task had then
 	 * (empty, at a worker's first claim), every step of the plan goes
-	 * through an index.  Nothing else is planned in this nest level.
+	 * through an index.  (A user's trigger on beat.task would run in this
+	 * nest level too, and plan with the same setting.)
 	 */
 	nest = NewGUCNestLevel();
 	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,

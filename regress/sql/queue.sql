@@ -359,12 +359,29 @@ FROM beat.task t JOIN d USING (id);
 -- The rows are in the indexes: claim finds the due ones, in order.
 SELECT array_agg(params->>'n' ORDER BY id) AS claimed FROM beat.claim('qd', 'w-direct', 10);
 -- A CHECK constraint added to the table holds for the direct write too,
--- and nothing of the batch is left.
+-- and a bad row in the second chunk of 100 leaves nothing of the batch.
 SELECT count(*) AS before FROM beat.task \gset
 ALTER TABLE beat.task ADD CONSTRAINT no_bad CHECK (NOT params ? 'bad') NOT VALID;
-SELECT pg_temp.err($$SELECT beat.enqueue_batch('qd', '[{}, {"bad": 1}]'::jsonb)$$);
+SELECT pg_temp.err($$SELECT beat.enqueue_batch('qd', (SELECT array_agg(CASE WHEN g = 150
+    THEN '{"bad": 1}' ELSE '{}' END::jsonb) FROM generate_series(1, 200) g))$$);
 ALTER TABLE beat.task DROP CONSTRAINT no_bad;
 SELECT count(*) = :before AS nothing_written FROM beat.task;
+-- A column of another type, a default on a column the direct write leaves
+-- NULL, a rule: each sends the batch back to the INSERT, which honours it.
+ALTER TABLE beat.task ALTER COLUMN params TYPE json;
+SELECT id AS j FROM beat.enqueue_batch('qd', '[{"j": 1}]'::jsonb) AS id \gset
+SELECT params::text AS params_as_json FROM beat.task WHERE id = :j;
+ALTER TABLE beat.task ALTER COLUMN params TYPE jsonb USING params::jsonb;
+ALTER TABLE beat.task ALTER COLUMN last_error SET DEFAULT 'from the default';
+SELECT id AS d FROM beat.enqueue_batch('qd', '[{"d": 1}]'::jsonb) AS id \gset
+SELECT last_error FROM beat.task WHERE id = :d;
+ALTER TABLE beat.task ALTER COLUMN last_error DROP DEFAULT;
+CREATE TABLE rule_seen (params jsonb);
+CREATE RULE seen AS ON INSERT TO beat.task DO ALSO INSERT INTO rule_seen VALUES (NEW.params);
+SELECT count(*) FROM beat.enqueue_batch('qd', '[{"r": 1}, {"r": 2}]'::jsonb);
+DROP RULE seen ON beat.task;
+SELECT array_agg(params->>'r' ORDER BY params->>'r') AS rule_saw FROM rule_seen;
+DROP TABLE rule_seen;
 -- An insert trigger on the table sends the batch back to the INSERT,
 -- which fires it for every row.
 CREATE TABLE pg_temp.seen (params jsonb);
