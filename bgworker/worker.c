@@ -534,9 +534,10 @@ transfer_new(int64 task_id, int attempt, const char *params)
 
 /*
  * Build t's request from tmpl (and the key's secret) and hand it to curl;
- * a transfer that cannot start is queued to be recorded as failed.
+ * a transfer that cannot start is queued to be recorded as failed, and
+ * false returned: nothing was sent.
  */
-static void
+static bool
 launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 {
 	char	   *error = NULL;
@@ -545,13 +546,13 @@ launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 	{
 		t->build_error = error;
 		queue_finished(t);
-		return;
+		return false;
 	}
 	if (host_refused(t, t->req.url))
 	{
 		/* refused before anything is connected to */
 		queue_finished(t);
-		return;
+		return false;
 	}
 
 	t->easy = curl_easy_init();
@@ -559,7 +560,7 @@ launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 	{
 		t->build_error = strdup("could not create a curl handle");
 		queue_finished(t);
-		return;
+		return false;
 	}
 	curl_easy_setopt(t->easy, CURLOPT_URL, t->req.url);
 	curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
@@ -595,18 +596,19 @@ launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 	{
 		t->build_error = strdup("could not add the transfer to curl");
 		queue_finished(t);
-		return;
+		return false;
 	}
 	t->next = inflight;
 	inflight = t;
 	n_inflight++;
+	return true;
 }
 
 /* Build and start the transfer for one claimed task of a request flow. */
-static void
+static bool
 start_transfer(int64 task_id, int attempt, const char *params)
 {
-	launch(transfer_new(task_id, attempt, params), cfg.tmpl, NULL, cfg.timeout_ms);
+	return launch(transfer_new(task_id, attempt, params), cfg.tmpl, NULL, cfg.timeout_ms);
 }
 
 /* How a call of an operation's task went out, or why it did not. */
@@ -643,10 +645,11 @@ tried_now(const Transfer *t)
  * Choose a provider and key for the next call of t's task and start it.
  * t carries the attempt's history (tried, hops); pinned names the only
  * provider that may serve (a continuation page), or is NULL.  On anything
- * but STARTED the caller still owns t.
+ * but STARTED the caller still owns t.  *sent (if given) says whether the
+ * call went out: a STARTED call whose request could not be built did not.
  */
 static DispatchResult
-dispatch(Transfer *t, const char *pinned, TimestampTz *until, char **why)
+dispatch(Transfer *t, const char *pinned, TimestampTz *until, char **why, bool *sent)
 {
 	RouteChoice c;
 	RouteProvider *p;
@@ -680,7 +683,9 @@ dispatch(Transfer *t, const char *pinned, TimestampTz *until, char **why)
 	n->hops = t->hops + 1;		/* the claim's seed has -1 */
 	n->all_headers = beat_json_new_object();
 	p = provider_of(n);
-	launch(n, p->tmpl, c.cred >= 0 ? p->creds[c.cred].secret : NULL, p->timeout_ms);
+	if (launch(n, p->tmpl, c.cred >= 0 ? p->creds[c.cred].secret : NULL, p->timeout_ms) &&
+		sent)
+		*sent = true;
 	return DISPATCH_STARTED;
 }
 
@@ -802,9 +807,12 @@ claim_and_start(int n, TimestampTz *next_due)
 			int			attempt = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
 			char	   *params = TextDatumGetCString(SPI_getbinval(tup, desc, 3, &isnull));
 
+			char	   *keys[BEAT_MAX_STACKED_KEYS];
+			const char *const *charged = NULL;	/* the flow's keys, once charged */
+			bool		sent = false;
+
 			if (cfg.nlimits > 0)
 			{
-				char	   *keys[BEAT_MAX_STACKED_KEYS];
 				char	   *error = NULL;
 				BeatAcquireResult r;
 
@@ -816,12 +824,15 @@ claim_and_start(int n, TimestampTz *next_due)
 					free(error);
 					continue;
 				}
-				r = beat_limiter_try(cfg.limits_fixed ? (const char *const *) cfg.limits :
-									 (const char *const *) keys, cfg.nlimits, 1,
-									 BEAT_CHARGE, &error);
-				if (!cfg.limits_fixed)
-					for (int k = 0; k < cfg.nlimits; k++)
-						free(keys[k]);
+				charged = cfg.limits_fixed ? (const char *const *) cfg.limits :
+					(const char *const *) keys;
+				r = beat_limiter_try(charged, cfg.nlimits, 1, BEAT_CHARGE, &error);
+				if (error != NULL || !r.allowed)
+				{
+					if (!cfg.limits_fixed)
+						for (int k = 0; k < cfg.nlimits; k++)
+							free(keys[k]);
+				}
 				if (error != NULL)
 				{
 					fail_unsent(id, attempt, error);
@@ -850,7 +861,7 @@ claim_and_start(int n, TimestampTz *next_due)
 
 				seed->hops = -1;
 				switch (dispatch(seed, page && !pnull ? TextDatumGetCString(pv) : NULL,
-								 &until, &why))
+								 &until, &why, &sent))
 				{
 					case DISPATCH_STARTED:
 						break;
@@ -872,9 +883,21 @@ claim_and_start(int n, TimestampTz *next_due)
 						break;
 				}
 				transfer_free(seed);
-				continue;
 			}
-			start_transfer(id, attempt, params);
+			else
+				sent = start_transfer(id, attempt, params);
+
+			/* a call that never went out gives back what it was charged */
+			if (charged != NULL)
+			{
+				char	   *error = NULL;	/* palloc'd, if any; nothing to do */
+
+				if (!sent)
+					(void) beat_limiter_try(charged, cfg.nlimits, 1, BEAT_REFUND, &error);
+				if (!cfg.limits_fixed)
+					for (int k = 0; k < cfg.nlimits; k++)
+						free(keys[k]);
+			}
 		}
 
 		if (nrefused > 0)
@@ -1180,7 +1203,7 @@ call_again(Judged *j, BeatVerdict v)
 		j->wait_null = false;
 		return;
 	}
-	switch (dispatch(t, t->pinned ? provider_of(t)->name : NULL, &until, &why))
+	switch (dispatch(t, t->pinned ? provider_of(t)->name : NULL, &until, &why, NULL))
 	{
 		case DISPATCH_STARTED:
 			if (v == VERDICT_TRANSIENT)

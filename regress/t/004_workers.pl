@@ -575,6 +575,32 @@ is( sql(q{SELECT count(*) FROM beat.task t
         'stopping: the task is handed back');
 }
 
+# A call that never goes out (its request cannot be built) gives back what
+# the flow's limits charged for it: three such tasks against a quota of 3
+# a day leave the whole quota to the three good tasks after them.
+{
+    sql(q{SELECT (beat.set_limit('refund:day', 3, quota => 'day')).name});
+    sql(qq{SELECT count(*) FROM beat.create_flow('rf',
+            request => '{"url": "$BASE/json?key={{k}}&v={{v}}"}',
+            workers => 1, max_attempts => 1, limits => '{refund:day}')});
+    ok(defined wait_workers('rf', 1, 30), 'refund: flow rf has its worker');
+    sql(q{SELECT count(*) FROM beat.enqueue_batch('rf',
+            '[{"k": "rf-bad-1"}, {"k": "rf-bad-2"}, {"k": "rf-bad-3"}]'::jsonb)});
+    ok(BeatNode::settle($node, 'rf', 20), 'refund: the three tasks without {{v}} end');
+    is(sql(q{SELECT count(*) FROM beat.task WHERE flow = 'rf' AND state = 'dead'
+             AND last_error LIKE '%missing parameter "v"%'}),
+        '3', 'refund: they are dead for the missing parameter');
+    is(sql(q{SELECT remaining FROM beat.limiter_status WHERE key = 'refund:day'}), '3',
+        'refund: the quota is whole again (nothing was sent)');
+    sql(q{SELECT count(*) FROM beat.enqueue_batch('rf',
+            '[{"k": "rf-1", "v": 1}, {"k": "rf-2", "v": 2}, {"k": "rf-3", "v": 3}]'::jsonb)});
+    ok(BeatNode::settle($node, 'rf', 20), 'refund: the three good tasks end');
+    is(sql(q{SELECT count(*) FROM beat.task WHERE flow = 'rf' AND state = 'succeeded'}), '3',
+        'refund: all three good tasks got in and succeeded');
+    is(sql(q{SELECT remaining FROM beat.limiter_status WHERE key = 'refund:day'}), '0',
+        'refund: the quota is spent on the calls that went out');
+}
+
 # No process of the server crashed (a crash would have restarted them all).
 {
     my @crashes = grep { /terminated by signal|all server processes terminated/ }
