@@ -507,8 +507,8 @@ try_provider(RouteProvider *p, const char *params, TimestampTz now, RouteChoice 
 			r = beat_limiter_try((const char *const *) keys, p->nlimits, 1, BEAT_CHARGE, &error);
 			if (error != NULL)
 			{
+				/* palloc'd, unlike beat_render_keys' error: not free()d */
 				note_wait(c, now + NO_KEY_WAIT_US, p->name, psprintf("limits: %s", error));
-				free(error);
 				for (int i = 0; i < p->nlimits; i++)
 					free(keys[i]);
 				return -2;

@@ -805,8 +805,8 @@ beat_limiter_apply(const char *const *keys, int nkeys, int64 cost, BeatLimiterMo
 
 /*
  * The same, but when error is not NULL, a key no limit matches, a cost
- * too high or a full table is reported in *error (and refused) instead of
- * raised: the workers fail that one task and go on.
+ * too high or a full table is reported in *error (palloc'd, and refused)
+ * instead of raised: the workers fail that one task and go on.
  */
 BeatAcquireResult
 beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode mode,

@@ -189,6 +189,26 @@ my $share = sql(q{SELECT round(100.0 * count(*) FILTER (WHERE provider = 'w70') 
                   FROM beat.task WHERE flow = 'weighted' AND state = 'succeeded'});
 ok(abs($share - 70) <= 5, "weights 70/30 hold: w70 served $share%");
 
+# ------------------------------------------------ a provider limit nobody defined
+# A provider may name a limit that is not defined (yet): its calls wait and
+# say why, and the worker goes on; once the limit is defined they go out.
+sql(qq{SELECT beat.set_provider('undef', base_url => '$BASE',
+        operations => '{"undef": {"url": "/json"}}', limits => ARRAY['undef:day'])});
+sql(q{SELECT beat.set_route('undef', 'undef')});
+sql(q{SELECT beat.create_flow('undef', operation => 'undef', workers => 1)});
+ok(defined BeatNode::wait_workers($node, 'undef', 1, 30), 'flow undef has its worker');
+my $upid = sql(q{SELECT pid FROM beat.worker_status WHERE flow = 'undef'});
+my $uid = sql(q{SELECT beat.enqueue('undef', '{}')});
+ok( defined BeatNode::wait_for($node, qq{SELECT state = 'scheduled'
+        AND last_error LIKE '%no rate limit matches key "undef:day"%' FROM beat.task WHERE id = $uid}, 10),
+    'an undefined provider limit: the call waits, and says why');
+is(sql(q{SELECT pid FROM beat.worker_status WHERE flow = 'undef'}), $upid,
+    'the worker goes on (same pid)');
+sql(q{SELECT (beat.set_limit('undef:day', 1000, quota => 'day')).name});
+sql(qq{UPDATE beat.task SET run_at = now() WHERE id = $uid});	# not the 60 s it waits
+ok(settle('undef'), 'once the limit is defined, the call goes out');
+is(sql(qq{SELECT state FROM beat.task WHERE id = $uid}), 'succeeded', 'and succeeds');
+
 # ------------------------------------------------ a cursor walk stays on its provider
 sql(qq{SELECT beat.set_provider('charlie', base_url => '$BASE/charlie',
         operations => '{"posts": {"url": "/graph/posts",
