@@ -136,9 +136,6 @@ extern int	beat_cmp_int64(const void *a, const void *b);
 	" random() * least(f.backoff_cap," \
 	"   f.backoff_base * power(2, least(t.attempts - 1, 40))))"
 
-/* queue.c: make the flow's due scheduled and failed tasks pending */
-extern void promote_due(Datum flow);
-
 /* Limits that the SQL API checks and documents. */
 #define BEAT_PRIORITY_MIN		(-1000)
 #define BEAT_PRIORITY_MAX		1000

@@ -926,9 +926,10 @@ report_not_held(int64 task_id, const char *worker)
 /*
  * Make the flow's scheduled and failed tasks whose run_at has come pending,
  * so that claim finds them.  Rows another session is promoting or
- * cancelling right now are skipped, not waited for.
+ * cancelling right now are skipped, not waited for.  Only beat_claim calls
+ * it, inside the GUC nest level that plans it with sequential scans off.
  */
-void
+static void
 promote_due(Datum flow)
 {
 	Oid			argtypes[1] = {TEXTOID};
