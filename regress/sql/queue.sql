@@ -358,8 +358,9 @@ SELECT count(DISTINCT correlation_id) AS distinct_correlation_ids,
 FROM beat.task t JOIN d USING (id);
 -- The rows are in the indexes: claim finds the due ones, in order.
 SELECT array_agg(params->>'n' ORDER BY id) AS claimed FROM beat.claim('qd', 'w-direct', 10);
--- A CHECK constraint added to the table holds for the direct write too,
--- and a bad row in the second chunk of 100 leaves nothing of the batch.
+-- A CHECK constraint added to the table holds for every row of the direct
+-- write, here row 150, in its second chunk of 100 (the first chunk is
+-- checked and written before it); the failed statement leaves nothing.
 SELECT count(*) AS before FROM beat.task \gset
 ALTER TABLE beat.task ADD CONSTRAINT no_bad CHECK (NOT params ? 'bad') NOT VALID;
 SELECT pg_temp.err($$SELECT beat.enqueue_batch('qd', (SELECT array_agg(CASE WHEN g = 150
