@@ -225,9 +225,12 @@ recover_orphans(void)
 						SPI_processed)));
 }
 
-/* Read the flows that want workers.  Inside SPI; returns the count. */
+/*
+ * Read the flows that want workers into *out, allocated in ctx (SPI frees
+ * its own memory when it disconnects).  Inside SPI; returns the count.
+ */
 static int
-read_wanted(WantedFlow **out)
+read_wanted(WantedFlow **out, MemoryContext ctx)
 {
 	WantedFlow *wanted;
 	bool		isnull;
@@ -237,7 +240,7 @@ read_wanted(WantedFlow **out)
 				 " WHERE (request IS NOT NULL OR operation IS NOT NULL) AND workers > 0 ORDER BY name",
 				 0, NULL);
 	beat_execute(plan_wanted, NULL, NULL, SPI_OK_SELECT);
-	wanted = palloc0(sizeof(WantedFlow) * Max(SPI_processed, 1));
+	wanted = MemoryContextAllocZero(ctx, sizeof(WantedFlow) * Max(SPI_processed, 1));
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -617,7 +620,7 @@ beat_launcher_main(Datum arg)
 				recovered = true;
 			}
 			collect_stopped();
-			nwanted = read_wanted(&wanted);
+			nwanted = read_wanted(&wanted, pass_ctx);
 			if (now >= next_reap)
 			{
 				if (SPI_execute("SELECT * FROM beat.reap()", false, 0) != SPI_OK_SELECT)

@@ -1215,7 +1215,7 @@ beat_heartbeat(PG_FUNCTION_ARGS)
 	char		nulls[4] = "   ";
 	char	   *worker;
 	bool		isnull;
-	Datum		expires;
+	TimestampTz expires;
 
 	beat_require(fcinfo, 0, "task_id");
 	beat_require(fcinfo, 1, "worker");
@@ -1240,9 +1240,11 @@ beat_heartbeat(PG_FUNCTION_ARGS)
 	beat_execute(plan_heartbeat, values, nulls, SPI_OK_UPDATE_RETURNING);
 	if (SPI_processed == 0)
 		report_not_held(PG_GETARG_INT64(0), worker);
-	expires = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	/* by value only where int8 is (64-bit): read it before SPI frees the row */
+	expires = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+												SPI_tuptable->tupdesc, 1, &isnull));
 	beat_spi_finish();
-	PG_RETURN_DATUM(expires);
+	PG_RETURN_TIMESTAMPTZ(expires);
 }
 
 /*
@@ -1334,6 +1336,8 @@ beat_reap(PG_FUNCTION_ARGS)
 	Datum		values[2];
 	bool		nulls[2] = {false, false};
 	bool		isnull;
+	int64		requeued;
+	int64		dead;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "pg_beat: reap must return a record");
@@ -1359,11 +1363,14 @@ beat_reap(PG_FUNCTION_ARGS)
 				 "  count(*) FILTER (WHERE state = 'dead') FROM x",
 				 0, NULL);
 	beat_execute(plan_reap, NULL, NULL, SPI_OK_SELECT);
-	values[0] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	values[1] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	/* read out before SPI frees the row (int8 is by reference on 32-bit) */
+	requeued = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	dead = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	beat_spi_finish();
+	values[0] = Int64GetDatum(requeued);
+	values[1] = Int64GetDatum(dead);
 
-	if (DatumGetInt64(values[0]) > 0)
+	if (requeued > 0)
 		beat_wake_at_commit(NULL);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
