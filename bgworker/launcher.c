@@ -5,14 +5,16 @@
  *		that runs the flow workers and the reaper.
  *
  * Each pass, in this order: reread the configuration if asked; in one
- * transaction, check that pg_beat is installed in beat.database_name, hand
- * back the leases of workers that no longer exist (all of them the first
- * time, after a server start or crash), read which flows want workers, reap
- * expired leases when beat.reaper_interval has passed and apply retention
- * once a minute; then start the workers that are missing, stop those no
- * longer wanted, and sleep on the latch until the next timer.  A commit that
- * changes beat.flow sets the latch (see pg_beat.c), and so does the
- * postmaster when a worker we started stops (bgw_notify_pid).
+ * transaction, check that pg_beat is installed in beat.database_name, the
+ * first time after a server start or crash count the attempts that the
+ * crash undid (the claim journals, journal.c) and hand back every lease of
+ * its workers, later only those of workers that no longer exist, read
+ * which flows want workers, reap expired leases when beat.reaper_interval
+ * has passed and apply retention once a minute; then start the workers
+ * that are missing, stop those no longer wanted, and sleep on the latch
+ * until the next timer.  A commit that changes beat.flow sets the latch
+ * (see pg_beat.c), and so does the postmaster when a worker we started
+ * stops (bgw_notify_pid).
  *
  * Slots in BeatShared->workers are filled here under the exclusive lock;
  * a worker frees its own slot when it exits.  A worker that crashed leaves
@@ -42,6 +44,7 @@
 #include "utils/snapmgr.h"
 
 #include "pg_beat.h"
+#include "journal.h"
 #include "limiter.h"
 
 /* What the launcher knows of each slot it started (process-local). */
@@ -540,6 +543,7 @@ beat_launcher_main(Datum arg)
 {
 	MemoryContext pass_ctx;
 	bool		recovered = false;
+	bool		journals_read = false;
 	TimestampTz next_reap = 0;
 	TimestampTz next_purge = 0;
 
@@ -612,10 +616,22 @@ beat_launcher_main(Datum arg)
 		pgstat_report_activity(STATE_RUNNING, "pg_beat launcher pass");
 
 		installed = extension_installed();
+		journals_read = false;
 		if (installed)
 		{
 			if (!recovered)
 			{
+				/* before any worker of ours runs: see journal.c */
+				if (!beat_shared->claims_recovered)
+				{
+					uint64		counted = beat_journal_recover();
+
+					if (counted > 0)
+						ereport(LOG,
+								(errmsg("pg_beat: counted the attempts of " UINT64_FORMAT " tasks whose claims the crash undid",
+										counted)));
+					journals_read = true;
+				}
 				recover_orphans();
 				recovered = true;
 			}
@@ -641,6 +657,13 @@ beat_launcher_main(Datum arg)
 		CommitTransactionCommand();
 		pgstat_report_stat(false);
 		pgstat_report_activity(STATE_IDLE, NULL);
+		if (journals_read)
+		{
+			LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
+			beat_shared->claims_recovered = true;
+			LWLockRelease(beat_shared->lock);
+			beat_journal_remove_all();
+		}
 
 		MemoryContextSwitchTo(pass_ctx);
 		if (installed)

@@ -41,6 +41,8 @@
 #include <unistd.h>
 
 #include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -55,6 +57,7 @@
 /* fmgrprotos.h declares the SQL function json_object; jansson has its own */
 #define json_object pg_sql_json_object
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #undef json_object				/* and never call it: see http.h */
 #include "utils/jsonb.h"
 #include "utils/datum.h"
@@ -67,6 +70,7 @@
 #include "limiter.h"
 #include "http.h"
 #include "route.h"
+#include "journal.h"
 
 /* One task on its way through curl. */
 typedef struct Transfer
@@ -720,6 +724,41 @@ xact_end(bool report)
 static Datum make_array(Datum *values, bool *nulls, int n, Oid typid);
 
 /*
+ * Write the claim journal: every attempt under way, in flight or finished
+ * and not yet recorded.  After a claim, a journal that could not be written
+ * is replaced by what it stands for: the claim's commit reaching the disk.
+ */
+static void
+journal_sync(bool after_claim)
+{
+	int			n = n_inflight + n_finished;
+	int64	   *ids = palloc(sizeof(int64) * Max(n, 1));
+	int32	   *attempts = palloc(sizeof(int32) * Max(n, 1));
+	int			k = 0;
+
+	for (Transfer *t = inflight; t != NULL && k < n; t = t->next, k++)
+	{
+		ids[k] = t->task_id;
+		attempts[k] = t->attempt;
+	}
+	for (Transfer *t = finished; t != NULL && k < n; t = t->next, k++)
+	{
+		ids[k] = t->task_id;
+		attempts[k] = t->attempt;
+	}
+	if (!beat_journal_write(ids, attempts, k))
+	{
+		ereport(WARNING,
+				(errcode_for_file_access(),
+				 errmsg("pg_beat: could not write the claim journal: %m")));
+		if (after_claim)
+			XLogFlush(XactLastCommitEnd);
+	}
+	pfree(ids);
+	pfree(attempts);
+}
+
+/*
  * Claim up to n due tasks, charge the flow's limits for each, and start
  * the transfers of those admitted; in one short transaction.  Returns
  * true when it got all it asked for, so more may be waiting.  Otherwise
@@ -742,10 +781,15 @@ claim_and_start(int n, TimestampTz *next_due)
 	xact_begin("pg_beat: claim");
 
 	/*
-	 * The claim's commit is durable, though a lost claim would only leave
-	 * its tasks pending: the attempt it counts must survive a crash, or a
-	 * task that crashes the worker would never run out of attempts.
+	 * The claim commits without waiting for the disk: that flush would sit
+	 * between a task's enqueue and its request.  A claim lost in a crash
+	 * leaves its tasks as they were, to be claimed again; the attempt it
+	 * counted is kept by the claim journal (journal.c), written below before
+	 * any of these transfers starts.  The result's commit, which waits,
+	 * flushes the claim with it.
 	 */
+	(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
 	beat_spi_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 
@@ -950,6 +994,8 @@ claim_and_start(int n, TimestampTz *next_due)
 	}
 
 	xact_end(true);
+	if (claimed > 0)
+		journal_sync(true);
 	return claimed == asked;
 }
 
@@ -2052,6 +2098,13 @@ record_finished(void)
 		ingest_models(js, n);
 	xact_end(true);
 
+	/*
+	 * Recorded: their attempts leave the journal.  Only now, after the
+	 * commit: a result that went back to scheduled gave its attempt back,
+	 * and a crash must not count it again.
+	 */
+	journal_sync(false);
+
 	while (list)
 	{
 		t = list;
@@ -2106,6 +2159,8 @@ hand_back_inflight(void)
 						flow_name, SPI_processed)));
 	/* the other workers of the flow take these at once */
 	beat_wake_at_commit(flow_name);
+	/* nothing under way now; before the commit, which gives the attempts back */
+	journal_sync(false);
 	xact_end(false);
 }
 
@@ -2161,6 +2216,14 @@ beat_worker_main(Datum arg)
 	worker_name = MemoryContextStrdup(TopMemoryContext,
 									  beat_worker_name(flow_name, my_index, MyProcPid));
 	pgstat_report_appname(psprintf("pg_beat worker %s/%d", flow_name, my_index));
+	{
+		Oid			task_relid;
+
+		StartTransactionCommand();
+		task_relid = get_relname_relid("task", get_namespace_oid("beat", true));
+		CommitTransactionCommand();
+		beat_journal_open(slot_no, worker_name, task_relid);
+	}
 
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
 		elog(ERROR, "pg_beat: curl_global_init failed");

@@ -78,6 +78,7 @@ typedef struct BeatShared
 	Latch	   *launcher_latch;
 	TimestampTz launcher_started_at;
 	int			quick_restarts;	/* crash restarts in a row, each < 1 min apart */
+	bool		claims_recovered;	/* the claim journals were read (journal.c) */
 	int			max_workers;
 	BeatWorkerSlot workers[FLEXIBLE_ARRAY_MEMBER];
 } BeatShared;

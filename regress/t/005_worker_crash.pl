@@ -2,13 +2,16 @@
 # tasks (delay_ms=20 each, a unique key per task):
 #
 #   (a) kill -9 of a flow worker: the postmaster restarts everything, the
-#       launcher hands back the orphaned leases, the drain completes; a task
+#       launcher hands back the orphaned leases (and counts the attempts of
+#       claims the crash undid), the drain completes; a task
 #       whose completion was lost in the crash may have been fetched twice
 #       (at-least-once), but never more than were in flight;
 #   (b) SIGTERM to a flow worker: it hands back what it holds without
 #       counting the attempt, the launcher starts a new one, the drain
 #       completes;
-#   (c) a fast restart of the server: same.
+#   (c) a fast restart of the server: same;
+#   (d), (e) a crash while a worker records an answer whose claim the
+#       crash undid: the attempt still counts (the claim journal).
 #
 # After each: every task exists exactly once, all succeeded, none running,
 # every result is the answer to the task's own request.
@@ -175,25 +178,31 @@ sub check_part
     my $handed = wait_log(qr/handed back (\d+) tasks held by workers of a previous run/, $offset, 30);
     ok(defined $handed, '(a) the launcher hands back the leases of the killed run');
     $handed //= 0;
-    note "(a) leases handed back at launcher start: $handed";
+    # claims the crash undid (not yet written out of shared memory): their
+    # attempts come back from the claim journal instead (see (d))
+    my $counted = log_since($offset) =~ /counted the attempts of (\d+) tasks whose claims the crash undid/
+      ? $1 : 0;
+    note "(a) leases handed back at launcher start: $handed; attempts counted from the claim journals: $counted";
     if (log_since($offset) =~ /(starting workers in \d+ s)/)
     {
         note "(a) launcher: $1";
     }
 
     my ($twice, $twice_keys, $a2) = check_part('a', 'after kill -9 of a worker');
-    cmp_ok($handed, '<=', $WORKERS * $CONCURRENCY,
-        '(a) no more leases handed back than workers x concurrency');
+    cmp_ok($handed + $counted, '<=', $WORKERS * $CONCURRENCY,
+        '(a) no more leases handed back or attempts counted than workers x concurrency');
     cmp_ok($twice, '<=', $WORKERS * $CONCURRENCY,
         "(a) fetched twice (at-least-once): $twice, at most workers x concurrency in flight");
-    # A task fetched twice is one whose lease was handed back, so it was
-    # claimed again: attempts 2 (the crash counts the attempt).
+    # A task fetched twice is one whose lease was handed back, or whose
+    # attempt was counted from the journal, so it was claimed again:
+    # attempts 2 (the crash counts the attempt).
     my $keys = join(',', map { "'$_'" } @$twice_keys) || "''";
     is( sql(qq{SELECT count(*) FROM beat.task WHERE params->>'k' IN ($keys) AND attempts = 2}),
-        $twice, '(a) every task fetched twice was one of the handed-back leases (attempts 2)');
-    is($a2, $handed, '(a) the tasks with 2 attempts are the leases handed back');
+        $twice, '(a) every task fetched twice had its attempt counted (attempts 2)');
+    is($a2, $handed + $counted,
+        '(a) the tasks with 2 attempts are the leases handed back and the attempts counted');
     is(sql(q{SELECT max(attempts) FROM beat.task WHERE params->>'k' LIKE 'a-%'}),
-        ($handed ? '2' : '1'), '(a) no task spent more than 2 attempts');
+        ($handed + $counted ? '2' : '1'), '(a) no task spent more than 2 attempts');
 }
 
 # ---------------------------------------------------------------- (b) SIGTERM
@@ -249,45 +258,70 @@ sub check_part
     cmp_ok($twice, '<=', $handed, '(c) fetched twice: at most the tasks handed back in flight');
 }
 
-# ---------------------------------------------------------------- (d) a claim's attempt
+# ---------------------------------------------------------------- (d), (e) a claim's attempt
 # The attempt a claim counts must survive a crash once the answer is being
 # read, or a task whose answer crashes the worker would never run out of
-# attempts.  (So the claim's commit is durable: a claim committed without
-# waiting for the disk, then written out before the answer is read, saved
-# nothing measurable; see bench/README.md.)  The WAL writer is stopped, so
-# nothing but the claim's own commit writes it out; a row lock on the task
-# holds the worker in its record pass, with the answer read, and it is
-# killed there.
+# attempts.  The claim commits without waiting for the disk; before its
+# transfers start, the worker writes the attempts it has under way to its
+# claim journal (bgworker/journal.c), and the first launcher after the
+# crash counts those the crash undid.  The WAL writer is stopped, so that
+# nothing writes the claim's commit out of shared memory: the crash undoes
+# it.  A row lock on the task holds the worker in its record pass, with the
+# answer read, and it is killed there.
+#
+#   (d) max_attempts 5: the task succeeds on its second attempt;
+#   (e) max_attempts 1: the attempt the crash undid was its last: dead.
+sub killed_in_record_pass
 {
-    sql(qq{SELECT beat.create_flow('d',
+    my ($part, $max_attempts) = @_;
+    sql(qq{SELECT beat.create_flow('$part',
             request => '{"url": "$BASE/json?key={{k}}&delay_ms=1000"}',
-            workers => 1, concurrency => 1, timeout => '10 s', max_attempts => 5)});
-    ok(defined BeatNode::wait_workers($node, 'd', 1, 30), '(d) flow d has its worker');
-    my $worker = sql(q{SELECT pid FROM beat.worker_status WHERE flow = 'd'});
+            workers => 1, concurrency => 1, timeout => '10 s', max_attempts => $max_attempts)});
+    ok(defined BeatNode::wait_workers($node, $part, 1, 30), "($part) flow $part has its worker");
+    my $worker = sql(qq{SELECT pid FROM beat.worker_status WHERE flow = '$part'});
     my $ww = sql(q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'});
-    ok(kill('STOP', $ww), "(d) the WAL writer ($ww) is stopped");
-    my $id = sql(q{SELECT beat.enqueue('d', '{"k": "d-1"}')});
+    ok(kill('STOP', $ww), "($part) the WAL writer ($ww) is stopped");
+    my $id = sql(qq{SELECT beat.enqueue('$part', '{"k": "$part-1"}')});
     ok(defined wait_for(qq{SELECT state = 'running' FROM beat.task WHERE id = $id}, 10),
-        '(d) the worker claims the task');
+        "($part) the worker claims the task");
     my $s = $node->background_psql('postgres', on_error_stop => 0);
     $s->query_safe('BEGIN');
     $s->query_safe(qq{SELECT FROM beat.task WHERE id = $id FOR UPDATE});
     ok( defined wait_for(qq{SELECT wait_event_type = 'Lock' FROM pg_stat_activity
                             WHERE pid = $worker}, 10),
-        '(d) the worker has the answer and waits for the row to record it');
+        "($part) the worker has the answer and waits for the row to record it");
     my $offset = -s $node->logfile;
-    ok(kill('KILL', $worker), "(d) kill -9 of the worker ($worker)");
+    ok(kill('KILL', $worker), "($part) kill -9 of the worker ($worker)");
     $node->wait_for_log(qr/terminating any other active server processes/, $offset);
     # the postmaster has sent it SIGQUIT; let it take it
     sleep 1;
     kill('CONT', $ww);
     $node->wait_for_log(qr/all server processes terminated; reinitializing/, $offset);
     eval { $s->quit; };
-    ok(defined wait_for('SELECT true', 60), '(d) the server accepts connections after crash recovery');
+    ok(defined wait_for('SELECT true', 60), "($part) the server accepts connections after crash recovery");
+    ok(defined wait_log(qr/counted the attempts of 1 tasks whose claims the crash undid/, $offset, 30),
+        "($part) the launcher counts the attempt the crash undid");
+    return $id;
+}
+
+{
+    my $id = killed_in_record_pass('d', 5);
     ok(BeatNode::settle($node, 'd', 30), '(d) the task ends');
     is(sql(qq{SELECT state || ' ' || attempts FROM beat.task WHERE id = $id}), 'succeeded 2',
         '(d) it succeeded on its second attempt: the first outlived the crash');
     is($up->stats->{by_key}{'d-1'}, 2, '(d) the upstream was called twice');
+}
+{
+    my $id = killed_in_record_pass('e', 1);
+    is( sql(qq{SELECT state || ' ' || attempts || ' ' || (finished_at IS NOT NULL)
+                      || ' ' || (lease_owner IS NULL)
+               FROM beat.task WHERE id = $id}),
+        'dead 1 true true', '(e) its only attempt ended in the crash: the task is dead');
+    like(sql(qq{SELECT last_error FROM beat.task WHERE id = $id}),
+        qr/^the server crashed while worker pg_beat:e:0:\d+ held the task \(attempt 1\)$/,
+        '(e) last_error says why');
+    sleep 1;
+    is($up->stats->{by_key}{'e-1'}, 1, '(e) the upstream was called once');
 }
 
 # Every task of the three parts, once.

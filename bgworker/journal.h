@@ -1,0 +1,30 @@
+/*-------------------------------------------------------------------------
+ *
+ * journal.h
+ *		The claim journal: which attempts a flow worker has under way, kept
+ *		in a file so that a crash of the server cannot make them uncounted.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef BEAT_JOURNAL_H
+#define BEAT_JOURNAL_H
+
+/*
+ * worker: open (and empty) the journal of worker slot slot_no; task_relid
+ * (beat.task) tells an installation of pg_beat from the next one
+ */
+extern void beat_journal_open(int slot_no, const char *worker, Oid task_relid);
+
+/* worker: replace the journal's content with these n attempts */
+extern bool beat_journal_write(const int64 *task_ids, const int32 *attempts, int n);
+
+/*
+ * launcher, once per start of the server (inside a transaction, SPI
+ * connected): count the attempts the journals hold that the crash undid;
+ * returns how many tasks it changed.  beat_journal_remove_all() after the
+ * transaction has committed.
+ */
+extern uint64 beat_journal_recover(void);
+extern void beat_journal_remove_all(void);
+
+#endif							/* BEAT_JOURNAL_H */
