@@ -18,7 +18,8 @@
 #      VACUUM;
 #   5. pickup latency of one task at a time, idle and under a steady trickle,
 #      measured server-side (finished_at - created_at) and client-side (a
-#      tight poll of the task's state);
+#      tight poll of the task's state), the latter from the enqueue sent and
+#      from the enqueue returned (committed);
 #   6. worker memory: VmRSS, RssAnon and Pss of each worker every second, and
 #      PostgreSQL's own count of its memory contexts before and after a run;
 #   7. prints a markdown table (also, with what was measured, on a failure).
@@ -543,11 +544,17 @@ report() {  # [failure message]
     if [ -n "${LAT[cli_idle]:-}" ]; then
         echo "| pickup, idle, client-side | $(fmt_lat "${LAT[cli_idle]}") | target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | enqueue sent to succeeded seen, tight poll (round trip $POLL_RTT ms); $(verdict_lat "${LAT[cli_idle]}") |"
     fi
+    if [ -n "${LAT[after_idle]:-}" ]; then
+        echo "| pickup, idle, client-side from the enqueue's return | $(fmt_lat "${LAT[after_idle]}") | target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | the same samples: enqueue committed and returned to succeeded seen (the result's durable commit and a poll included); $(verdict_lat "${LAT[after_idle]}") |"
+    fi
     if [ -n "${LAT[srv_trickle]:-}" ]; then
         echo "| pickup, trickle 5/s, server-side | $(fmt_lat "${LAT[srv_trickle]}") | pg_net ~$REF_PGNET_TRICKLE_MS ms; target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | $SAMPLES samples; $(verdict_lat "${LAT[srv_trickle]}") |"
     fi
     if [ -n "${LAT[cli_trickle]:-}" ]; then
         echo "| pickup, trickle 5/s, client-side | $(fmt_lat "${LAT[cli_trickle]}") | pg_net ~$REF_PGNET_TRICKLE_MS ms; target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | $SAMPLES samples; $(verdict_lat "${LAT[cli_trickle]}") |"
+    fi
+    if [ -n "${LAT[after_trickle]:-}" ]; then
+        echo "| pickup, trickle 5/s, client-side from the enqueue's return | $(fmt_lat "${LAT[after_trickle]}") | target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | the same samples, from the enqueue's return; $(verdict_lat "${LAT[after_trickle]}") |"
     fi
     for key in "${RUN_KEYS[@]}"; do
         [ -n "${MEMROW[${key}_worst]:-}" ] || continue
@@ -841,7 +848,7 @@ server_figures() {  # idsfile -> lines "total claim http" in ms, one per task
 # loop over the same connection until succeeded.  Writes ms to $1.
 pickup_client() {  # msfile tag
     local out=$1 tag=$2 k id t0 ta t1 polls
-    : >"$out"; : >"$out.enqueue"
+    : >"$out"; : >"$out.enqueue"; : >"$out.after"
     for k in $(seq "$SAMPLES"); do
         t0=$EPOCHREALTIME
         q "SELECT beat.enqueue('$LAT_FLOW', '{\"probe\": \"$tag\", \"n\": $k}')"
@@ -857,6 +864,7 @@ pickup_client() {  # msfile tag
         t1=$EPOCHREALTIME
         awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", (b - a) * 1000 }' >>"$out"
         awk -v a="$t0" -v b="$ta" 'BEGIN { printf "%.3f\n", (b - a) * 1000 }' >>"$out.enqueue"
+        awk -v a="$ta" -v b="$t1" 'BEGIN { printf "%.3f\n", (b - a) * 1000 }' >>"$out.after"
         echo "$polls" >>"$out.polls"
         sleep 0.1
     done
@@ -898,6 +906,7 @@ lat_series() {  # key tag
     : >"$OUT/cli_$key.polls"
     pickup_client "$OUT/cli_$key" "$tag"
     LAT[cli_$key]=$(pcts "$OUT/cli_$key")
+    LAT[after_$key]=$(pcts "$OUT/cli_$key.after")
     LATDETAIL[cli_$key]="of which the enqueue statement (autocommit, durable commit) p50/p95/p99/max $(pcts "$OUT/cli_$key.enqueue" | cut -d' ' -f1-4) ms; polls per sample p50 $(pcts "$OUT/cli_$key.polls" | cut -d' ' -f1)"
     log "  client-side p50/p95/p99/max ms: ${LAT[cli_$key]}"
     proc_snapshot >"$OUT/procs1_lat_$key"
