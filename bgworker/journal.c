@@ -32,6 +32,7 @@
 #include "catalog/pg_type.h"
 #include "common/file_perm.h"
 #include "executor/spi.h"
+#include "nodes/pg_list.h"
 #include "port/pg_crc32c.h"
 #include "storage/fd.h"
 #include "utils/array.h"
@@ -125,6 +126,21 @@ beat_journal_write(const int64 *task_ids, const int32 *attempts, int n)
 	return pwrite(journal_fd, journal_buf, len, 0) == (ssize_t) len;
 }
 
+/* The paths of every claim journal there is (palloc'd). */
+static List *
+journal_paths(void)
+{
+	List	   *paths = NIL;
+	DIR		   *dir = AllocateDir(JOURNAL_DIR);
+	struct dirent *de;
+
+	while ((de = ReadDir(dir, JOURNAL_DIR)) != NULL)
+		if (strncmp(de->d_name, JOURNAL_PREFIX, strlen(JOURNAL_PREFIX)) == 0)
+			paths = lappend(paths, psprintf(JOURNAL_DIR "/%s", de->d_name));
+	FreeDir(dir);
+	return paths;
+}
+
 /* Read one journal into the arrays; false (and a warning) if it is damaged. */
 static bool
 journal_read(const char *path, Oid task_relid, Datum **ids, Datum **atts,
@@ -187,8 +203,7 @@ journal_read(const char *path, Oid task_relid, Datum **ids, Datum **atts,
 uint64
 beat_journal_recover(void)
 {
-	DIR		   *dir;
-	struct dirent *de;
+	ListCell   *lc;
 	int			n = 0;
 	int			cap = 64;
 	Datum	   *ids = palloc(sizeof(Datum) * cap);
@@ -198,17 +213,8 @@ beat_journal_recover(void)
 	Datum		args[3];
 	Oid			task_relid = get_relname_relid("task", get_namespace_oid("beat", false));
 
-	dir = AllocateDir(JOURNAL_DIR);
-	while ((de = ReadDir(dir, JOURNAL_DIR)) != NULL)
-	{
-		char		path[MAXPGPATH];
-
-		if (strncmp(de->d_name, JOURNAL_PREFIX, strlen(JOURNAL_PREFIX)) != 0)
-			continue;
-		snprintf(path, sizeof(path), JOURNAL_DIR "/%s", de->d_name);
-		(void) journal_read(path, task_relid, &ids, &atts, &owners, &n, &cap);
-	}
-	FreeDir(dir);
+	foreach(lc, journal_paths())
+		(void) journal_read(lfirst(lc), task_relid, &ids, &atts, &owners, &n, &cap);
 	if (n == 0)
 		return 0;
 
@@ -243,21 +249,15 @@ beat_journal_recover(void)
 void
 beat_journal_remove_all(void)
 {
-	DIR		   *dir;
-	struct dirent *de;
+	ListCell   *lc;
 
-	dir = AllocateDir(JOURNAL_DIR);
-	while ((de = ReadDir(dir, JOURNAL_DIR)) != NULL)
+	foreach(lc, journal_paths())
 	{
-		char		path[MAXPGPATH];
+		const char *path = lfirst(lc);
 
-		if (strncmp(de->d_name, JOURNAL_PREFIX, strlen(JOURNAL_PREFIX)) != 0)
-			continue;
-		snprintf(path, sizeof(path), JOURNAL_DIR "/%s", de->d_name);
 		if (unlink(path) != 0 && errno != ENOENT)
 			ereport(WARNING,
 					(errcode_for_file_access(),
 					 errmsg("pg_beat: could not remove claim journal \"%s\": %m", path)));
 	}
-	FreeDir(dir);
 }

@@ -657,15 +657,16 @@ beat_launcher_main(Datum arg)
 		CommitTransactionCommand();
 		pgstat_report_stat(false);
 		pgstat_report_activity(STATE_IDLE, NULL);
+
+		MemoryContextSwitchTo(pass_ctx);
 		if (journals_read)
 		{
+			/* counted and committed: the journals have done their part */
 			LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
 			beat_shared->claims_recovered = true;
 			LWLockRelease(beat_shared->lock);
 			beat_journal_remove_all();
 		}
-
-		MemoryContextSwitchTo(pass_ctx);
 		if (installed)
 		{
 			next_restart = reconcile(wanted, nwanted);
