@@ -11,15 +11,19 @@
  * still run out of attempts.  So before a worker starts the transfers of
  * a claim, it writes the tasks and attempts it has under way to a file of
  * its own, pg_stat/pg_beat_claims.<slot>, and rewrites it as they are
- * recorded.  The file is written, not flushed: it has to outlive a crash
- * of Postgres, not of the machine, and the page cache does that.
+ * recorded (a task that gives its attempt back leaves it before that
+ * commit, the others after it).  The file is written, not flushed: it has
+ * to outlive a crash of Postgres, not of the machine, and the page cache
+ * does that.  A worker that exits, on purpose or on an error, flushes its
+ * claims and removes its journal; only a crash leaves one behind.
  *
  * The first launcher after the server starts (or restarts after a crash),
  * before it starts any worker, reads every journal and gives each task
- * whose attempt the crash undid that attempt back (attempts < the
- * journal's): out of attempts, the task is dead.  Then it removes the
- * files.  A journal that does not check out (magic, CRC) is skipped with
- * a warning: a write cut short by the crash itself.
+ * whose attempt the crash undid that attempt back (the task is one attempt
+ * short of the journal's, and pending, scheduled or failed): out of
+ * attempts, the task is dead.  Then it removes the files.  A journal that
+ * does not check out (magic, CRC) is skipped with a warning: a write cut
+ * short by the crash itself.
  *
  *-------------------------------------------------------------------------
  */
@@ -64,10 +68,10 @@ typedef struct JournalEntry
 	int32		unused;
 } JournalEntry;
 
-static int	journal_fd = -1;
+static int	journal_fd = -1;	/* -1: could not be opened; writes fail */
+static char journal_path[MAXPGPATH];
 static JournalHeader *journal_buf = NULL;	/* header, then entries */
 static int	journal_cap = 0;	/* entries journal_buf holds */
-static SPIPlanPtr plan_recover = NULL;
 
 static pg_crc32c
 journal_crc(const JournalHeader *h, const JournalEntry *e)
@@ -84,15 +88,14 @@ journal_crc(const JournalHeader *h, const JournalEntry *e)
 void
 beat_journal_open(int slot_no, const char *worker, Oid task_relid)
 {
-	char		path[MAXPGPATH];
-
-	snprintf(path, sizeof(path), JOURNAL_DIR "/" JOURNAL_PREFIX "%d", slot_no);
-	journal_fd = BasicOpenFilePerm(path, O_WRONLY | O_CREAT | O_TRUNC | PG_BINARY,
+	snprintf(journal_path, sizeof(journal_path), JOURNAL_DIR "/" JOURNAL_PREFIX "%d", slot_no);
+	journal_fd = BasicOpenFilePerm(journal_path, O_WRONLY | O_CREAT | O_TRUNC | PG_BINARY,
 								   pg_file_create_mode);
+	/* without a journal, every write fails and the worker flushes its claims */
 	if (journal_fd < 0)
-		ereport(ERROR,
+		ereport(WARNING,
 				(errcode_for_file_access(),
-				 errmsg("pg_beat: could not open claim journal \"%s\": %m", path)));
+				 errmsg("pg_beat: could not open claim journal \"%s\": %m", journal_path)));
 	journal_cap = 64;
 	journal_buf = MemoryContextAllocZero(TopMemoryContext,
 										 sizeof(JournalHeader) + sizeof(JournalEntry) * journal_cap);
@@ -101,29 +104,58 @@ beat_journal_open(int slot_no, const char *worker, Oid task_relid)
 	strlcpy(journal_buf->worker, worker, sizeof(journal_buf->worker));
 }
 
-bool
-beat_journal_write(const int64 *task_ids, const int32 *attempts, int n)
+void
+beat_journal_reset(void)
+{
+	journal_buf->count = 0;
+}
+
+void
+beat_journal_add(int64 task_id, int32 attempt)
 {
 	JournalEntry *e;
-	size_t		len;
 
-	if (n > journal_cap)
+	if (journal_buf->count == journal_cap)
 	{
-		journal_cap = Max(n, journal_cap * 2);
+		journal_cap *= 2;
 		journal_buf = repalloc(journal_buf,
 							   sizeof(JournalHeader) + sizeof(JournalEntry) * journal_cap);
 	}
-	e = (JournalEntry *) (journal_buf + 1);
-	for (int i = 0; i < n; i++)
+	e = (JournalEntry *) (journal_buf + 1) + journal_buf->count++;
+	e->task_id = task_id;
+	e->attempt = attempt;
+	e->unused = 0;
+}
+
+bool
+beat_journal_write(void)
+{
+	size_t		len = sizeof(JournalHeader) + sizeof(JournalEntry) * journal_buf->count;
+	ssize_t		written;
+
+	if (journal_fd < 0)
 	{
-		e[i].task_id = task_ids[i];
-		e[i].attempt = attempts[i];
-		e[i].unused = 0;
+		errno = EBADF;
+		return false;
 	}
-	journal_buf->count = n;
-	journal_buf->crc = journal_crc(journal_buf, e);
-	len = sizeof(JournalHeader) + sizeof(JournalEntry) * n;
-	return pwrite(journal_fd, journal_buf, len, 0) == (ssize_t) len;
+	journal_buf->crc = journal_crc(journal_buf, (JournalEntry *) (journal_buf + 1));
+	written = pwrite(journal_fd, journal_buf, len, 0);
+	if (written >= 0 && written != (ssize_t) len)
+		errno = ENOSPC;			/* a short write sets no errno */
+	return written == (ssize_t) len;
+}
+
+void
+beat_journal_remove(void)
+{
+	if (journal_fd < 0)
+		return;
+	close(journal_fd);
+	journal_fd = -1;
+	if (unlink(journal_path) != 0 && errno != ENOENT)
+		ereport(WARNING,
+				(errcode_for_file_access(),
+				 errmsg("pg_beat: could not remove claim journal \"%s\": %m", journal_path)));
 }
 
 /* The paths of every claim journal there is (palloc'd). */
@@ -141,14 +173,24 @@ journal_paths(void)
 	return paths;
 }
 
-/* Read one journal into the arrays; false (and a warning) if it is damaged. */
-static bool
-journal_read(const char *path, Oid task_relid, Datum **ids, Datum **atts,
-			 Datum **owners, int *n, int *cap)
+/* One journal that checked out: its worker and its entries. */
+typedef struct JournalRead
+{
+	Datum		owner;
+	uint32		count;
+	JournalEntry *entries;
+} JournalRead;
+
+/*
+ * Read one journal; NULL if it is empty or belongs to an earlier
+ * installation, and (with a warning) if it is damaged.
+ */
+static JournalRead *
+journal_read(const char *path, Oid task_relid)
 {
 	FILE	   *f = AllocateFile(path, PG_BINARY_R);
 	JournalHeader h;
-	JournalEntry *e = NULL;
+	JournalRead *r;
 	bool		ok = false;
 
 	if (f == NULL)
@@ -156,93 +198,106 @@ journal_read(const char *path, Oid task_relid, Datum **ids, Datum **atts,
 		ereport(WARNING,
 				(errcode_for_file_access(),
 				 errmsg("pg_beat: could not read claim journal \"%s\": %m", path)));
-		return false;
+		return NULL;
 	}
+	r = palloc0(sizeof(JournalRead));
 	if (fread(&h, sizeof(h), 1, f) == 1 && h.magic == JOURNAL_MAGIC &&
 		h.count <= JOURNAL_MAX)
 	{
-		e = palloc(sizeof(JournalEntry) * Max(h.count, 1));
-		if (fread(e, sizeof(JournalEntry), h.count, f) == h.count &&
-			journal_crc(&h, e) == h.crc)
+		r->entries = palloc(sizeof(JournalEntry) * Max(h.count, 1));
+		if (fread(r->entries, sizeof(JournalEntry), h.count, f) == h.count &&
+			journal_crc(&h, r->entries) == h.crc)
 			ok = true;
 	}
 	else if (ferror(f) == 0 && feof(f) && ftell(f) == 0)
 	{
-		/* an empty file: a worker that had not claimed yet */
-		FreeFile(f);
-		return true;
+		/* empty: a worker that had not claimed yet */
+		h.count = 0;
+		ok = true;
 	}
 	FreeFile(f);
 	if (!ok)
 	{
 		ereport(WARNING,
 				(errmsg("pg_beat: claim journal \"%s\" is damaged; skipped", path)));
-		return false;
+		return NULL;
 	}
 
-	/* left by an earlier installation of pg_beat: other tasks */
-	if (h.task_relid != task_relid)
-		return true;
+	/* nothing under way, or other tasks: an earlier installation of pg_beat */
+	if (h.count == 0 || h.task_relid != task_relid)
+		return NULL;
 	h.worker[sizeof(h.worker) - 1] = '\0';
-	if (*n + (int) h.count > *cap)
-	{
-		*cap = Max(*n + (int) h.count, *cap * 2);
-		*ids = repalloc(*ids, sizeof(Datum) * *cap);
-		*atts = repalloc(*atts, sizeof(Datum) * *cap);
-		*owners = repalloc(*owners, sizeof(Datum) * *cap);
-	}
-	for (uint32 i = 0; i < h.count; i++)
-	{
-		(*ids)[*n] = Int64GetDatum(e[i].task_id);
-		(*atts)[*n] = Int32GetDatum(e[i].attempt);
-		(*owners)[(*n)++] = CStringGetTextDatum(h.worker);
-	}
-	return true;
+	r->owner = CStringGetTextDatum(h.worker);
+	r->count = h.count;
+	return r;
 }
 
 uint64
 beat_journal_recover(void)
 {
+	Oid			task_relid = get_relname_relid("task", get_namespace_oid("beat", false));
+	List	   *reads = NIL;
 	ListCell   *lc;
 	int			n = 0;
-	int			cap = 64;
-	Datum	   *ids = palloc(sizeof(Datum) * cap);
-	Datum	   *atts = palloc(sizeof(Datum) * cap);
-	Datum	   *owners = palloc(sizeof(Datum) * cap);
+	BeatColumn	ids;
+	BeatColumn	atts;
+	BeatColumn	owners;
 	Oid			argtypes[3] = {INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID};
 	Datum		args[3];
-	Oid			task_relid = get_relname_relid("task", get_namespace_oid("beat", false));
 
 	foreach(lc, journal_paths())
-		(void) journal_read(lfirst(lc), task_relid, &ids, &atts, &owners, &n, &cap);
+	{
+		JournalRead *r = journal_read(lfirst(lc), task_relid);
+
+		if (r != NULL)
+		{
+			reads = lappend(reads, r);
+			n += r->count;
+		}
+	}
 	if (n == 0)
 		return 0;
 
-	args[0] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	args[1] = PointerGetDatum(construct_array(atts, n, INT4OID, 4, true, TYPALIGN_INT));
-	args[2] = PointerGetDatum(construct_array(owners, n, TEXTOID, -1, false, TYPALIGN_INT));
+	ids = beat_column(n, INT8OID);
+	atts = beat_column(n, INT4OID);
+	owners = beat_column(n, TEXTOID);
+	n = 0;
+	foreach(lc, reads)
+	{
+		JournalRead *r = lfirst(lc);
+
+		for (uint32 i = 0; i < r->count; i++, n++)
+		{
+			beat_column_set(&ids, n, Int64GetDatum(r->entries[i].task_id), false);
+			beat_column_set(&atts, n, Int32GetDatum(r->entries[i].attempt), false);
+			beat_column_set(&owners, n, r->owner, false);
+		}
+	}
+	args[0] = beat_column_array(&ids, n);
+	args[1] = beat_column_array(&atts, n);
+	args[2] = beat_column_array(&owners, n);
 
 	/*
-	 * Only an attempt the crash undid: the claim is not there (the task is
-	 * as it was before it, attempts lower).  A claim that survived left the
-	 * task running, and the launcher hands that lease back as usual.
+	 * Only an attempt the crash undid: the claim is not there, so the task
+	 * is as it was before it, one attempt short.  (A claim that survived
+	 * left the task running, and the launcher hands that lease back as
+	 * usual.)  Runs once per server start: not worth a saved plan.
 	 */
-	beat_prepare(&plan_recover,
-				 "UPDATE beat.task t SET attempts = j.attempt,"
-				 " state = CASE WHEN j.attempt >= t.max_attempts"
-				 "   THEN 'dead'::beat.task_state ELSE t.state END,"
-				 " finished_at = CASE WHEN j.attempt >= t.max_attempts"
-				 "   THEN statement_timestamp() ELSE t.finished_at END,"
-				 " last_error = 'the server crashed while worker ' || j.worker"
-				 "   || ' held the task (attempt ' || j.attempt || ')',"
-				 " updated_at = statement_timestamp()"
-				 " FROM (SELECT DISTINCT ON (u.id) u.id, u.attempt, u.worker"
-				 "       FROM unnest($1, $2, $3) AS u(id, attempt, worker)"
-				 "       ORDER BY u.id, u.attempt DESC) j"
-				 " WHERE t.id = j.id AND t.attempts < j.attempt"
-				 "   AND t.state IN ('pending', 'scheduled', 'failed')",
-				 3, argtypes);
-	beat_execute(plan_recover, args, "   ", SPI_OK_UPDATE);
+	if (SPI_execute_with_args("UPDATE beat.task t SET attempts = j.attempt,"
+							  " state = CASE WHEN j.attempt >= t.max_attempts"
+							  "   THEN 'dead'::beat.task_state ELSE t.state END,"
+							  " finished_at = CASE WHEN j.attempt >= t.max_attempts"
+							  "   THEN statement_timestamp() ELSE t.finished_at END,"
+							  " last_error = 'the server crashed while worker ' || j.worker"
+							  "   || ' held the task (attempt ' || j.attempt || ')',"
+							  " updated_at = statement_timestamp()"
+							  " FROM (SELECT DISTINCT ON (u.id) u.id, u.attempt, u.worker"
+							  "       FROM unnest($1, $2, $3) AS u(id, attempt, worker)"
+							  "       ORDER BY u.id, u.attempt DESC) j"
+							  " WHERE t.id = j.id AND t.attempts = j.attempt - 1"
+							  "   AND t.state IN ('pending', 'scheduled', 'failed')",
+							  3, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "pg_beat: counting the attempts of the claim journals failed");
 	return SPI_processed;
 }
 

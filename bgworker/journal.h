@@ -15,8 +15,16 @@
  */
 extern void beat_journal_open(int slot_no, const char *worker, Oid task_relid);
 
-/* worker: replace the journal's content with these n attempts */
-extern bool beat_journal_write(const int64 *task_ids, const int32 *attempts, int n);
+/*
+ * worker: the journal's next content is built with reset and add, then
+ * written over the file (false, errno set, when it could not be)
+ */
+extern void beat_journal_reset(void);
+extern void beat_journal_add(int64 task_id, int32 attempt);
+extern bool beat_journal_write(void);
+
+/* worker, as it exits: its claims are flushed; the journal goes */
+extern void beat_journal_remove(void);
 
 /*
  * launcher, once per start of the server (inside a transaction, SPI

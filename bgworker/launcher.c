@@ -214,7 +214,7 @@ recover_orphans(void)
 																 slot->pid));
 	}
 	LWLockRelease(beat_shared->lock);
-	v = PointerGetDatum(construct_array(live, nlive, TEXTOID, -1, false, TYPALIGN_INT));
+	v = beat_make_array(live, NULL, nlive, TEXTOID);
 
 	beat_prepare(&plan_orphans,
 				 RELEASE_LEASES
@@ -662,10 +662,10 @@ beat_launcher_main(Datum arg)
 		if (journals_read)
 		{
 			/* counted and committed: the journals have done their part */
+			beat_journal_remove_all();
 			LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
 			beat_shared->claims_recovered = true;
 			LWLockRelease(beat_shared->lock);
-			beat_journal_remove_all();
 		}
 		if (installed)
 		{

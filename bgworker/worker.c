@@ -163,6 +163,16 @@ static SPIPlanPtr plan_extend = NULL;
 static void
 worker_detach(int code, Datum arg)
 {
+	/*
+	 * Whatever this worker claimed is in the WAL now, out of the journal's
+	 * reach: a later crash cannot undo it, and the journal, left behind,
+	 * could only count attempts that were given back since.  (A crash of
+	 * this process runs no exit callbacks: its journal stays.)
+	 */
+	if (XactLastCommitEnd != InvalidXLogRecPtr)
+		XLogFlush(XactLastCommitEnd);
+	beat_journal_remove();
+
 	LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
 	if (slot->pid == MyProcPid)
 	{
@@ -721,41 +731,40 @@ xact_end(bool report)
 	}
 }
 
-static Datum make_array(Datum *values, bool *nulls, int n, Oid typid);
 
 /*
- * Write the claim journal: every attempt under way, in flight or finished
- * and not yet recorded.  After a claim, a journal that could not be written
- * is replaced by what it stands for: the claim's commit reaching the disk.
+ * The claim journal (journal.c): start its next content with every attempt
+ * under way, in flight or finished and not yet recorded.
  */
 static void
-journal_sync(bool after_claim)
+journal_collect(void)
 {
-	int			n = n_inflight + n_finished;
-	int64	   *ids = palloc(sizeof(int64) * Max(n, 1));
-	int32	   *attempts = palloc(sizeof(int32) * Max(n, 1));
-	int			k = 0;
+	beat_journal_reset();
+	for (Transfer *t = inflight; t != NULL; t = t->next)
+		beat_journal_add(t->task_id, t->attempt);
+	for (Transfer *t = finished; t != NULL; t = t->next)
+		beat_journal_add(t->task_id, t->attempt);
+}
 
-	for (Transfer *t = inflight; t != NULL && k < n; t = t->next, k++)
-	{
-		ids[k] = t->task_id;
-		attempts[k] = t->attempt;
-	}
-	for (Transfer *t = finished; t != NULL && k < n; t = t->next, k++)
-	{
-		ids[k] = t->task_id;
-		attempts[k] = t->attempt;
-	}
-	if (!beat_journal_write(ids, attempts, k))
-	{
+/*
+ * Write it.  After a claim, a journal that could not be written is replaced
+ * by what it stands for: the claim's commit reaching the disk.
+ */
+static void
+journal_write(bool after_claim)
+{
+	static bool warned = false;
+
+	if (beat_journal_write())
+		return;
+	if (!warned)
 		ereport(WARNING,
 				(errcode_for_file_access(),
-				 errmsg("pg_beat: could not write the claim journal: %m")));
-		if (after_claim)
-			XLogFlush(XactLastCommitEnd);
-	}
-	pfree(ids);
-	pfree(attempts);
+				 errmsg("pg_beat: could not write the claim journal: %m"),
+				 errdetail("Claims wait for the disk instead.")));
+	warned = true;
+	if (after_claim)
+		XLogFlush(XactLastCommitEnd);
 }
 
 /*
@@ -949,10 +958,10 @@ claim_and_start(int n, TimestampTz *next_due)
 			Oid			types[4] = {INT8ARRAYOID, FLOAT8ARRAYOID, TEXTOID, TEXTARRAYOID};
 			Datum		args[4];
 
-			args[0] = make_array(refused_ids, NULL, nrefused, INT8OID);
-			args[1] = make_array(refused_wait, NULL, nrefused, FLOAT8OID);
+			args[0] = beat_make_array(refused_ids, NULL, nrefused, INT8OID);
+			args[1] = beat_make_array(refused_wait, NULL, nrefused, FLOAT8OID);
 			args[2] = values[1];
-			args[3] = make_array(refused_why, why_nulls, nrefused, TEXTOID);
+			args[3] = beat_make_array(refused_why, why_nulls, nrefused, TEXTOID);
 			beat_prepare(&plan_limited,
 						 "UPDATE beat.task t SET state = 'scheduled',"
 						 " run_at = statement_timestamp() + make_interval(secs => r.wait),"
@@ -995,7 +1004,10 @@ claim_and_start(int n, TimestampTz *next_due)
 
 	xact_end(true);
 	if (claimed > 0)
-		journal_sync(true);
+	{
+		journal_collect();
+		journal_write(true);
+	}
 	return claimed == asked;
 }
 
@@ -1094,69 +1106,12 @@ timing_ms(CURL *easy, CURLINFO info, bool *isnull)
 	return Float8GetDatum(*isnull ? 0 : us / 1000.0);
 }
 
-/* A one-dimensional array of n datums of type typid, with nulls. */
-static Datum
-make_array(Datum *values, bool *nulls, int n, Oid typid)
-{
-	int16		typlen;
-	bool		typbyval;
-	char		typalign;
-	int			dims[1] = {n};
-	int			lbs[1] = {1};
-
-	get_typlenbyvalalign(typid, &typlen, &typbyval, &typalign);
-	return PointerGetDatum(construct_md_array(values, nulls, 1, dims, lbs, typid,
-											  typlen, typbyval, typalign));
-}
-
-/*
- * One column of a batch statement: a value, or NULL, per row; passed to the
- * statement as an array that unnest() turns back into rows.
- */
-typedef struct Column
-{
-	Datum	   *v;
-	bool	   *nulls;
-	Oid			typid;
-} Column;
-
-static Column
-column(int n, Oid typid)
-{
-	Column		c;
-
-	c.v = palloc(sizeof(Datum) * Max(n, 1));
-	c.nulls = palloc0(sizeof(bool) * Max(n, 1));
-	c.typid = typid;
-	return c;
-}
-
-static void
-col_set(Column *c, int i, Datum v, bool isnull)
-{
-	c->v[i] = isnull ? (Datum) 0 : v;
-	c->nulls[i] = isnull;
-}
-
-/* A text value, NULL for a NULL string. */
-static void
-col_text(Column *c, int i, const char *s)
-{
-	col_set(c, i, s ? CStringGetTextDatum(s) : (Datum) 0, s == NULL);
-}
-
-static Datum
-col_array(const Column *c, int n)
-{
-	return make_array(c->v, c->nulls, n, c->typid);
-}
-
 /* Row i of t: the provider's name and the key's id (NULL when none). */
 static void
-col_provider_credential(Column *provs, Column *creds, int i, const Transfer *t)
+col_provider_credential(BeatColumn *provs, BeatColumn *creds, int i, const Transfer *t)
 {
-	col_text(provs, i, provider_of(t) ? provider_of(t)->name : NULL);
-	col_set(creds, i, Int64GetDatum(cred_id_of(t)), cred_id_of(t) == 0);
+	beat_column_text(provs, i, provider_of(t) ? provider_of(t)->name : NULL);
+	beat_column_set(creds, i, Int64GetDatum(cred_id_of(t)), cred_id_of(t) == 0);
 }
 
 /* What became of one finished transfer: its log row, and its task's fate. */
@@ -1489,10 +1444,10 @@ parse_answers(Judged *js, int n)
 	}
 	if (m == 0)
 		return;
-	args[0] = make_array(provs, NULL, m, TEXTOID);
+	args[0] = beat_make_array(provs, NULL, m, TEXTOID);
 	args[1] = CStringGetTextDatum(cfg.operation);
-	args[2] = make_array(results, NULL, m, JSONBOID);
-	args[3] = make_array(params, NULL, m, TEXTOID);
+	args[2] = beat_make_array(results, NULL, m, JSONBOID);
+	args[3] = beat_make_array(params, NULL, m, TEXTOID);
 	beat_prepare(&plan_parse,
 				 "SELECT ord, model, error FROM beat.parse_results($1, $2, $3, $4)",
 				 4, types);
@@ -1565,9 +1520,9 @@ ingest_models(Judged *js, int n)
 	}
 	if (m == 0)
 		return;
-	args[0] = make_array(ids, NULL, m, INT8OID);
-	args[1] = make_array(provs, NULL, m, TEXTOID);
-	args[2] = make_array(models, NULL, m, JSONBOID);
+	args[0] = beat_make_array(ids, NULL, m, INT8OID);
+	args[1] = beat_make_array(provs, NULL, m, TEXTOID);
+	args[2] = beat_make_array(models, NULL, m, JSONBOID);
 	beat_prepare(&plan_ingest, "SELECT beat.ingest($1, $2, $3)", 3, types);
 
 	/*
@@ -1660,6 +1615,7 @@ record_finished(void)
 	Transfer   *t;
 	int			i;
 	int			nfinal = 0;
+	bool		any_wait = false;
 
 	/* what calling again queues now is for the next pass */
 	finished = NULL;
@@ -1737,13 +1693,13 @@ record_finished(void)
 		Oid			argtypes[8] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID,
 			TEXTARRAYOID, FLOAT8ARRAYOID, TEXTOID, TEXTARRAYOID, INT8ARRAYOID};
 		Datum		values[8];
-		Column		ids = column(nfinal, INT8OID);
-		Column		outcomes = column(nfinal, TEXTOID);
-		Column		results = column(nfinal, JSONBOID);
-		Column		errors = column(nfinal, TEXTOID);
-		Column		waits = column(nfinal, FLOAT8OID);
-		Column		provs = column(nfinal, TEXTOID);
-		Column		creds = column(nfinal, INT8OID);
+		BeatColumn		ids = beat_column(nfinal, INT8OID);
+		BeatColumn		outcomes = beat_column(nfinal, TEXTOID);
+		BeatColumn		results = beat_column(nfinal, JSONBOID);
+		BeatColumn		errors = beat_column(nfinal, TEXTOID);
+		BeatColumn		waits = beat_column(nfinal, FLOAT8OID);
+		BeatColumn		provs = beat_column(nfinal, TEXTOID);
+		BeatColumn		creds = beat_column(nfinal, INT8OID);
 		int64	   *updated;
 		uint64		nupdated;
 		uint64		nsucceeded = 0;
@@ -1756,22 +1712,22 @@ record_finished(void)
 
 			if (!j->task_outcome)
 				continue;
-			col_set(&ids, f, Int64GetDatum(j->t->task_id), false);
-			col_text(&outcomes, f, j->task_outcome);
-			col_set(&results, f, j->result, j->result_null);
-			col_text(&errors, f, j->error);
-			col_set(&waits, f, Float8GetDatum(j->wait_s), j->wait_null);
+			beat_column_set(&ids, f, Int64GetDatum(j->t->task_id), false);
+			beat_column_text(&outcomes, f, j->task_outcome);
+			beat_column_set(&results, f, j->result, j->result_null);
+			beat_column_text(&errors, f, j->error);
+			beat_column_set(&waits, f, Float8GetDatum(j->wait_s), j->wait_null);
 			col_provider_credential(&provs, &creds, f, j->t);
 			f++;
 		}
-		values[0] = col_array(&ids, nfinal);
-		values[1] = col_array(&outcomes, nfinal);
-		values[2] = col_array(&results, nfinal);
-		values[3] = col_array(&errors, nfinal);
-		values[4] = col_array(&waits, nfinal);
+		values[0] = beat_column_array(&ids, nfinal);
+		values[1] = beat_column_array(&outcomes, nfinal);
+		values[2] = beat_column_array(&results, nfinal);
+		values[3] = beat_column_array(&errors, nfinal);
+		values[4] = beat_column_array(&waits, nfinal);
 		values[5] = CStringGetTextDatum(worker_name);
-		values[6] = col_array(&provs, nfinal);
-		values[7] = col_array(&creds, nfinal);
+		values[6] = beat_column_array(&provs, nfinal);
+		values[7] = beat_column_array(&creds, nfinal);
 
 		/*
 		 * ok: succeeded.  wait: back to scheduled after the wait, the
@@ -1868,7 +1824,7 @@ record_finished(void)
 			Oid			types[2] = {INT8ARRAYOID, TEXTOID};
 			Datum		args[2];
 
-			args[0] = make_array(hids, NULL, nh, INT8OID);
+			args[0] = beat_make_array(hids, NULL, nh, INT8OID);
 			args[1] = CStringGetTextDatum(worker_name);
 			beat_prepare(&plan_extend,
 						 "UPDATE beat.task t SET lease_expires_at ="
@@ -1908,11 +1864,11 @@ record_finished(void)
 			TEXTARRAYOID, INT4ARRAYOID};
 			Datum		args[5];
 
-			args[0] = make_array(pids, NULL, npages, INT8OID);
-			args[1] = make_array(pprov, NULL, npages, TEXTOID);
-			args[2] = make_array(pparam, NULL, npages, TEXTOID);
-			args[3] = make_array(pcursor, NULL, npages, TEXTOID);
-			args[4] = make_array(ppage, NULL, npages, INT4OID);
+			args[0] = beat_make_array(pids, NULL, npages, INT8OID);
+			args[1] = beat_make_array(pprov, NULL, npages, TEXTOID);
+			args[2] = beat_make_array(pparam, NULL, npages, TEXTOID);
+			args[3] = beat_make_array(pcursor, NULL, npages, TEXTOID);
+			args[4] = beat_make_array(ppage, NULL, npages, INT4OID);
 			beat_prepare(&plan_next_page,
 						 "INSERT INTO beat.task (flow, priority, max_attempts, idempotency_key,"
 						 " params, correlation_id, provider)"
@@ -1994,13 +1950,13 @@ record_finished(void)
 			FLOAT8ARRAYOID, BOOLARRAYOID, TEXTARRAYOID};
 			Datum		args[7];
 
-			args[0] = make_array(cid, NULL, nc, INT8OID);
-			args[1] = make_array(cuses, NULL, nc, INT4OID);
-			args[2] = make_array(cstatus, cstatus_null, nc, INT4OID);
-			args[3] = make_array(cstreak, NULL, nc, INT4OID);
-			args[4] = make_array(crest, NULL, nc, FLOAT8OID);
-			args[5] = make_array(cauth, NULL, nc, BOOLOID);
-			args[6] = make_array(creason, creason_null, nc, TEXTOID);
+			args[0] = beat_make_array(cid, NULL, nc, INT8OID);
+			args[1] = beat_make_array(cuses, NULL, nc, INT4OID);
+			args[2] = beat_make_array(cstatus, cstatus_null, nc, INT4OID);
+			args[3] = beat_make_array(cstreak, NULL, nc, INT4OID);
+			args[4] = beat_make_array(crest, NULL, nc, FLOAT8OID);
+			args[5] = beat_make_array(cauth, NULL, nc, BOOLOID);
+			args[6] = beat_make_array(creason, creason_null, nc, TEXTOID);
 			beat_prepare(&plan_credentials,
 						 "UPDATE beat.credential c SET uses = c.uses + u.n,"
 						 " last_used_at = statement_timestamp(),"
@@ -2039,46 +1995,46 @@ record_finished(void)
 			FLOAT8ARRAYOID, FLOAT8ARRAYOID, FLOAT8ARRAYOID, FLOAT8ARRAYOID,
 			FLOAT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
 		Datum		values[17];
-		Column		ids = column(n, INT8OID);
-		Column		attempts = column(n, INT4OID);
-		Column		methods = column(n, TEXTOID);
-		Column		urls = column(n, TEXTOID);
-		Column		statuses = column(n, INT4OID);
-		Column		bytes = column(n, INT8OID);
-		Column		outcomes = column(n, TEXTOID);
-		Column		errors = column(n, TEXTOID);
-		Column		provs = column(n, TEXTOID);
-		Column		creds = column(n, INT8OID);
+		BeatColumn		ids = beat_column(n, INT8OID);
+		BeatColumn		attempts = beat_column(n, INT4OID);
+		BeatColumn		methods = beat_column(n, TEXTOID);
+		BeatColumn		urls = beat_column(n, TEXTOID);
+		BeatColumn		statuses = beat_column(n, INT4OID);
+		BeatColumn		bytes = beat_column(n, INT8OID);
+		BeatColumn		outcomes = beat_column(n, TEXTOID);
+		BeatColumn		errors = beat_column(n, TEXTOID);
+		BeatColumn		provs = beat_column(n, TEXTOID);
+		BeatColumn		creds = beat_column(n, INT8OID);
 
 		for (i = 0; i < n; i++)
 		{
 			Judged	   *j = &js[i];
 
 			t = j->t;
-			col_set(&ids, i, Int64GetDatum(t->task_id), false);
-			col_set(&attempts, i, Int32GetDatum(t->attempt), false);
-			col_text(&methods, i, t->req.method[0] ? t->req.method : "GET");
-			col_text(&urls, i, t->req.url_logged ? t->req.url_logged : "");
-			col_set(&statuses, i, Int32GetDatum((int32) j->status), j->status <= 0);
-			col_set(&bytes, i, Int64GetDatum((int64) t->len), false);
-			col_text(&outcomes, i, j->log_outcome);
-			col_text(&errors, i, j->error);
+			beat_column_set(&ids, i, Int64GetDatum(t->task_id), false);
+			beat_column_set(&attempts, i, Int32GetDatum(t->attempt), false);
+			beat_column_text(&methods, i, t->req.method[0] ? t->req.method : "GET");
+			beat_column_text(&urls, i, t->req.url_logged ? t->req.url_logged : "");
+			beat_column_set(&statuses, i, Int32GetDatum((int32) j->status), j->status <= 0);
+			beat_column_set(&bytes, i, Int64GetDatum((int64) t->len), false);
+			beat_column_text(&outcomes, i, j->log_outcome);
+			beat_column_text(&errors, i, j->error);
 			col_provider_credential(&provs, &creds, i, t);
 		}
 		values[0] = CStringGetTextDatum(flow_name);
 		values[1] = CStringGetTextDatum(worker_name);
-		values[2] = col_array(&ids, n);
-		values[3] = col_array(&attempts, n);
-		values[4] = col_array(&methods, n);
-		values[5] = col_array(&urls, n);
-		values[6] = col_array(&statuses, n);
-		values[7] = col_array(&bytes, n);
+		values[2] = beat_column_array(&ids, n);
+		values[3] = beat_column_array(&attempts, n);
+		values[4] = beat_column_array(&methods, n);
+		values[5] = beat_column_array(&urls, n);
+		values[6] = beat_column_array(&statuses, n);
+		values[7] = beat_column_array(&bytes, n);
 		for (int k = 0; k < 5; k++)
-			values[8 + k] = make_array(timings[k], timing_nulls[k], n, FLOAT8OID);
-		values[13] = col_array(&outcomes, n);
-		values[14] = col_array(&errors, n);
-		values[15] = col_array(&provs, n);
-		values[16] = col_array(&creds, n);
+			values[8 + k] = beat_make_array(timings[k], timing_nulls[k], n, FLOAT8OID);
+		values[13] = beat_column_array(&outcomes, n);
+		values[14] = beat_column_array(&errors, n);
+		values[15] = beat_column_array(&provs, n);
+		values[16] = beat_column_array(&creds, n);
 
 		beat_prepare(&plan_log,
 					 "INSERT INTO beat.http_log (task_id, flow, attempt, worker, method, url,"
@@ -2096,14 +2052,26 @@ record_finished(void)
 	}
 	if (cfg.is_op && nfinal > 0)
 		ingest_models(js, n);
-	xact_end(true);
 
 	/*
-	 * Recorded: their attempts leave the journal.  Only now, after the
-	 * commit: a result that went back to scheduled gave its attempt back,
-	 * and a crash must not count it again.
+	 * A task that waits gives its attempt back with this commit: it leaves
+	 * the journal before, or a crash right after the commit would count the
+	 * attempt again.  The others leave it after the commit: until then a
+	 * crash may still undo their claims.
 	 */
-	journal_sync(false);
+	for (i = 0; i < n && !any_wait; i++)
+		any_wait = js[i].task_outcome && strcmp(js[i].task_outcome, "wait") == 0;
+	if (any_wait)
+	{
+		journal_collect();
+		for (i = 0; i < n; i++)
+			if (js[i].task_outcome && strcmp(js[i].task_outcome, "wait") != 0)
+				beat_journal_add(js[i].t->task_id, js[i].t->attempt);
+		journal_write(false);
+	}
+	xact_end(true);
+	journal_collect();
+	journal_write(false);
 
 	while (list)
 	{
@@ -2141,7 +2109,7 @@ hand_back_inflight(void)
 		return;
 
 	xact_begin(NULL);
-	values[0] = make_array(ids, NULL, n, INT8OID);	/* needs a transaction */
+	values[0] = beat_make_array(ids, NULL, n, INT8OID);	/* needs a transaction */
 	values[1] = CStringGetTextDatum(worker_name);
 	beat_spi_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
@@ -2160,7 +2128,8 @@ hand_back_inflight(void)
 	/* the other workers of the flow take these at once */
 	beat_wake_at_commit(flow_name);
 	/* nothing under way now; before the commit, which gives the attempts back */
-	journal_sync(false);
+	journal_collect();
+	journal_write(false);
 	xact_end(false);
 }
 

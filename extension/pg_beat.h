@@ -122,6 +122,23 @@ extern void beat_check_interval(Interval *iv, const char *what, bool zero_ok);
 extern void beat_check_range(int64 value, int64 lo, int64 hi, const char *what);
 extern int	beat_cmp_int64(const void *a, const void *b);
 
+/*
+ * util.c: one column of a batch statement, a value or NULL per row, passed
+ * to the statement as an array that unnest() turns back into rows.
+ */
+typedef struct BeatColumn
+{
+	Datum	   *v;
+	bool	   *nulls;
+	Oid			typid;
+} BeatColumn;
+
+extern Datum beat_make_array(Datum *values, bool *nulls, int n, Oid typid);
+extern BeatColumn beat_column(int n, Oid typid);
+extern void beat_column_set(BeatColumn *c, int i, Datum v, bool isnull);
+extern void beat_column_text(BeatColumn *c, int i, const char *s);
+extern Datum beat_column_array(const BeatColumn *c, int n);
+
 /* The states in which a task still has work ahead of it, and the final ones. */
 #define LIVE_STATES "('pending', 'scheduled', 'running', 'failed')"
 #define DONE_STATES "('succeeded', 'dead', 'cancelled')"

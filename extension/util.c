@@ -12,7 +12,9 @@
 #include "postgres.h"
 
 #include "executor/spi.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 
 #include "pg_beat.h"
@@ -138,4 +140,53 @@ beat_cmp_int64(const void *a, const void *b)
 	int64		y = *(const int64 *) b;
 
 	return (x > y) - (x < y);
+}
+
+/* A one-dimensional array of n datums of type typid, with nulls (or NULL). */
+Datum
+beat_make_array(Datum *values, bool *nulls, int n, Oid typid)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(typid, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_md_array(values, nulls, 1, dims, lbs, typid,
+											  typlen, typbyval, typalign));
+}
+
+/* A column of n rows of type typid, every row NULL until set. */
+BeatColumn
+beat_column(int n, Oid typid)
+{
+	BeatColumn	c;
+
+	c.v = palloc0(sizeof(Datum) * Max(n, 1));
+	c.nulls = palloc(sizeof(bool) * Max(n, 1));
+	memset(c.nulls, true, sizeof(bool) * Max(n, 1));
+	c.typid = typid;
+	return c;
+}
+
+void
+beat_column_set(BeatColumn *c, int i, Datum v, bool isnull)
+{
+	c->v[i] = isnull ? (Datum) 0 : v;
+	c->nulls[i] = isnull;
+}
+
+/* A text value, NULL for a NULL string. */
+void
+beat_column_text(BeatColumn *c, int i, const char *s)
+{
+	beat_column_set(c, i, s ? CStringGetTextDatum(s) : (Datum) 0, s == NULL);
+}
+
+/* Its first n rows, as an array. */
+Datum
+beat_column_array(const BeatColumn *c, int n)
+{
+	return beat_make_array(c->v, c->nulls, n, c->typid);
 }
