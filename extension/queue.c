@@ -37,7 +37,9 @@
 #include "executor/executor.h"
 #include "executor/spi.h"
 #include "funcapi.h"
+#include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
@@ -210,6 +212,8 @@ check_key(text *key)
 	(void) beat_check_name(key, "idempotency key");
 }
 
+static void flow_missing(Datum flow) pg_attribute_noreturn();
+
 /* Raise "flow does not exist" unless the flow exists. */
 static void
 require_flow(Datum flow)
@@ -221,10 +225,21 @@ require_flow(Datum flow)
 				 1, argtypes);
 	beat_execute(plan_flow_exists, &flow, " ", SPI_OK_SELECT);
 	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("flow \"%s\" does not exist", TextDatumGetCString(flow)),
-				 errhint("Create it with beat.create_flow().")));
+		flow_missing(flow);
+}
+
+/*
+ * Raise: flow is not there for a statement that just read beat.flow.  (Not
+ * require_flow(): a flow created since would make it return, and the
+ * caller would go on with SPI_tuptable holding another query's rows.)
+ */
+static void
+flow_missing(Datum flow)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_UNDEFINED_OBJECT),
+			 errmsg("flow \"%s\" does not exist", TextDatumGetCString(flow)),
+			 errhint("Create it with beat.create_flow().")));
 }
 
 /* The id of the live task of flow with this key, or 0 if there is none. */
@@ -352,7 +367,7 @@ beat_enqueue(PG_FUNCTION_ARGS)
 	{
 		id = insert_one(&a, params, NULL);
 		if (id == 0)
-			require_flow(PointerGetDatum(a.flow));	/* raises */
+			flow_missing(PointerGetDatum(a.flow));
 		beat_wake_at_commit(a.flow_name);
 	}
 	beat_spi_finish();
@@ -362,9 +377,9 @@ beat_enqueue(PG_FUNCTION_ARGS)
 
 /*
  * Turn the params argument of enqueue_batch, a jsonb[] or a JSON array of
- * objects, into a checked jsonb[] datum; set *count and *elems_out.
+ * objects, into checked jsonb datums: *elems_out, *count of them.
  */
-static Datum
+static void
 batch_params(FunctionCallInfo fcinfo, int *count, Datum **elems_out)
 {
 	Oid			argtype = get_fn_expr_argtype(fcinfo->flinfo, 1);
@@ -422,8 +437,6 @@ batch_params(FunctionCallInfo fcinfo, int *count, Datum **elems_out)
 
 	*count = n;
 	*elems_out = elems;
-	return PointerGetDatum(construct_array(elems, n, JSONBOID, -1, false,
-										   TYPALIGN_INT));
 }
 
 /* Check idempotency_keys against the params count; return NULL if absent. */
@@ -514,9 +527,12 @@ static const char *const direct_null_cols[] = {
 
 /*
  * Find direct_cols in rel; false if rel is not exactly what we fill: a
- * plain heap table, no rules, row security or insert triggers, and every
- * column one we know, of the type we write, the NULL ones without a
- * default.
+ * plain heap table (no partition), no rules, row security or insert
+ * triggers (foreign keys and deferrable unique constraints have them), we
+ * may insert into it, and every column one we know, of the type we write,
+ * the NULL ones without a default.  False sends the batch through the
+ * INSERT, which handles (or refuses, with its own error) what this path
+ * does not.
  */
 static bool
 direct_columns(Relation rel, AttrNumber *att)
@@ -524,8 +540,9 @@ direct_columns(Relation rel, AttrNumber *att)
 	TupleDesc	desc = RelationGetDescr(rel);
 	TriggerDesc *td = rel->trigdesc;
 
-	if (rel->rd_rel->relkind != RELKIND_RELATION ||
+	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relispartition ||
 		rel->rd_tableam != GetHeapamTableAmRoutine() ||
+		pg_class_aclcheck(RelationGetRelid(rel), GetUserId(), ACL_INSERT) != ACLCHECK_OK ||
 		rel->rd_rel->relhasrules || rel->rd_rel->relrowsecurity ||
 		(td && (td->trig_insert_before_row || td->trig_insert_after_row ||
 				td->trig_insert_instead_row || td->trig_insert_before_statement ||
@@ -595,6 +612,7 @@ insert_direct(EnqueueArgs *a, Datum *params, Datum *cids, int count, int64 *ids)
 	TupleTableSlot **slots;
 	int			nslots = Min(count, DIRECT_CHUNK);
 	CommandId	cid;
+	BulkInsertState bistate;
 
 	/*
 	 * The table lock first, then the flow: a drop_flow that committed
@@ -615,7 +633,7 @@ insert_direct(EnqueueArgs *a, Datum *params, Datum *cids, int count, int64 *ids)
 				 1, argtypes);
 	beat_execute(plan_flow_defaults[locks], &flow, " ", SPI_OK_SELECT);
 	if (SPI_processed == 0)
-		require_flow(flow);		/* raises */
+		flow_missing(flow);
 	priority = a->priority_null ?
 		SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull) :
 		a->priority;
@@ -631,6 +649,12 @@ insert_direct(EnqueueArgs *a, Datum *params, Datum *cids, int count, int64 *ids)
 								ObjectIdGetDatum(TupleDescAttr(RelationGetDescr(rel),
 															   att[D_STATE] - 1)->atttypid));
 	seq = getIdentitySequence(relid, att[D_ID], false);
+	/* what the INSERT's nextval() would ask of us */
+	if (pg_class_aclcheck(seq, GetUserId(), ACL_USAGE | ACL_UPDATE) == ACLCHECK_NO_PRIV)
+	{
+		table_close(rel, NoLock);
+		return false;
+	}
 
 	estate = CreateExecutorState();
 	rri = makeNode(ResultRelInfo);
@@ -642,6 +666,7 @@ insert_direct(EnqueueArgs *a, Datum *params, Datum *cids, int count, int64 *ids)
 	for (int i = 0; i < nslots; i++)
 		slots[i] = MakeSingleTupleTableSlot(slotdesc, table_slot_callbacks(rel));
 	cid = GetCurrentCommandId(true);
+	bistate = GetBulkInsertState();
 
 	for (int start = 0; start < count; start += DIRECT_CHUNK)
 	{
@@ -672,14 +697,16 @@ insert_direct(EnqueueArgs *a, Datum *params, Datum *cids, int count, int64 *ids)
 				ExecConstraints(rri, slot, estate);
 			ids[start + j] = id;
 		}
-		table_multi_insert(rel, slots, n, cid, 0, NULL);
+		table_multi_insert(rel, slots, n, cid, 0, bistate);
 		for (int j = 0; j < n; j++)
 		{
+			/* no recheck list: a deferrable unique index has a trigger, sent us away */
 			(void) ExecInsertIndexTuples(rri, slots[j], estate, false, false, NULL, NIL);
 			ResetPerTupleExprContext(estate);
 		}
 	}
 
+	FreeBulkInsertState(bistate);
 	for (int i = 0; i < nslots; i++)
 		ExecDropSingleTupleTableSlot(slots[i]);
 	ExecCloseIndices(rri);
@@ -699,7 +726,6 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	EnqueueArgs a;
-	Datum		params;
 	Datum	   *elems;
 	int			count;
 	Datum	   *keys = NULL;
@@ -715,14 +741,14 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 
 	read_enqueue_args(fcinfo, &a);
 	beat_require(fcinfo, 1, "params");
-	params = batch_params(fcinfo, &count, &elems);
+	batch_params(fcinfo, &count, &elems);
 	keyarr = batch_keys(fcinfo, count, &keys, &key_nulls);
 
 	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 	ids = palloc0(sizeof(int64) * Max(count, 1));
 
 	values[0] = PointerGetDatum(a.flow);
-	values[1] = params;
+	values[1] = (Datum) 0;		/* the params and correlation ids as arrays, */
 	values[2] = a.priority;
 	nulls[2] = a.priority_null ? 'n' : ' ';
 	values[3] = a.run_at;
@@ -731,7 +757,7 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 	cids = palloc(sizeof(Datum) * Max(count, 1));
 	for (int i = 0; i < count; i++)
 		cids[i] = a.correlation_id_null ? new_uuid() : a.correlation_id;
-	values[4] = (Datum) 0;		/* the array, built when SQL needs it */
+	values[4] = (Datum) 0;		/* built when SQL needs them */
 	values[5] = a.max_attempts;
 	nulls[5] = a.max_attempts_null ? 'n' : ' ';
 	values[6] = PointerGetDatum(keyarr);
@@ -746,8 +772,8 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 		/* No keys: nothing can conflict, rows come back in input order. */
 		SPIPlanPtr	plan;
 
-		values[4] = PointerGetDatum(construct_array(cids, count, UUIDOID, UUID_LEN,
-													false, TYPALIGN_CHAR));
+		values[1] = beat_make_array(elems, NULL, count, JSONBOID);
+		values[4] = beat_make_array(cids, NULL, count, UUIDOID);
 		if (!IsolationUsesXactSnapshot())
 			plan = beat_prepare(&plan_batch[0][0],
 								BATCH_SQL("", "", ", $5", "p, c, ord", "") "RETURNING id",
@@ -758,7 +784,7 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 								6, argtypes);
 		beat_execute(plan, values, nulls, SPI_OK_INSERT_RETURNING);
 		if (SPI_processed == 0)
-			require_flow(values[0]);	/* raises */
+			flow_missing(values[0]);
 		if (SPI_processed != (uint64) count)
 			elog(ERROR, "pg_beat: batch inserted " UINT64_FORMAT " of %d tasks",
 				 SPI_processed, count);
@@ -780,8 +806,8 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 		int			missing = 0;
 		SPIPlanPtr	plan;
 
-		values[4] = PointerGetDatum(construct_array(cids, count, UUIDOID, UUID_LEN,
-													false, TYPALIGN_CHAR));
+		values[1] = beat_make_array(elems, NULL, count, JSONBOID);
+		values[4] = beat_make_array(cids, NULL, count, UUIDOID);
 		if (!IsolationUsesXactSnapshot())
 			plan = beat_prepare(&plan_batch[1][0],
 								BATCH_SQL(", idempotency_key", ", u.k", ", $5, $7", "p, c, k, ord", "")
