@@ -523,7 +523,7 @@ try_provider(RouteProvider *p, const char *params, TimestampTz now, RouteChoice 
 				continue;
 			}
 		}
-		if (!beat_breaker_admit(p->name, &p->breaker, now, &until))
+		if (!beat_breaker_admit(p->name, &p->breaker, now, &until, &c->probe))
 		{
 			if (p->nlimits > 0)
 				(void) beat_limiter_try((const char *const *) keys, p->nlimits, 1,
@@ -551,7 +551,7 @@ try_provider(RouteProvider *p, const char *params, TimestampTz now, RouteChoice 
 RouteChoice
 route_choose(Route *route, const char *params, int pinned, uint64 tried, TimestampTz now)
 {
-	RouteChoice c = {-1, -1, 0, NULL};
+	RouteChoice c = {-1, -1, 0, 0, NULL};
 	int			start = 0;
 
 	while (start < route->nproviders)

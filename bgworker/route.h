@@ -92,6 +92,7 @@ typedef struct RouteChoice
 	int			provider;		/* index, or -1: nothing can serve now */
 	int			cred;			/* index into its creds, or -1: it has none */
 	TimestampTz wait_until;		/* -1 choice: when something may (0: unknown) */
+	TimestampTz probe;			/* the breaker probe the call took, or 0 */
 	char	   *why;			/* -1 choice: palloc'd reason */
 } RouteChoice;
 

@@ -96,6 +96,7 @@ typedef struct Transfer
 	bool		pinned;			/* a continuation page: only prov may serve */
 	uint64		tried;			/* route's providers that failed this attempt */
 	int			hops;			/* calls made before this one in this attempt */
+	TimestampTz probe;			/* the breaker probe it took, or 0 (provider_of) */
 	json_t	   *all_headers;	/* every response header, for the rules */
 	struct Transfer *next;
 } Transfer;
@@ -695,6 +696,7 @@ dispatch(Transfer *t, const char *pinned, TimestampTz *until, char **why, bool *
 	n->pinned = pinned != NULL;
 	n->tried = tried;
 	n->hops = t->hops + 1;		/* the claim's seed has -1 */
+	n->probe = c.probe;
 	n->all_headers = beat_json_new_object();
 	p = provider_of(n);
 	if (launch(n, p->tmpl, c.cred >= 0 ? p->creds[c.cred].secret : NULL, p->timeout_ms) &&
@@ -1653,7 +1655,7 @@ record_finished(void)
 
 		/* a call that was not made gives its breaker probe back */
 		if ((t->build_error || t->refused[0]) && provider_of(t))
-			beat_breaker_release(provider_of(t)->name);
+			beat_breaker_release(provider_of(t)->name, t->probe);
 		if (t->build_error)
 		{
 			j->log_outcome = j->task_outcome = "permanent";
@@ -2100,7 +2102,7 @@ hand_back_inflight(void)
 		inflight = t->next;
 		ids[n++] = Int64GetDatum(t->task_id);
 		if (provider_of(t))
-			beat_breaker_release(provider_of(t)->name);
+			beat_breaker_release(provider_of(t)->name, t->probe);
 		curl_multi_remove_handle(multi, t->easy);
 		transfer_free(t);
 	}

@@ -196,12 +196,13 @@ beat_provider_available(const char *provider, TimestampTz now, TimestampTz *unti
 
 bool
 beat_breaker_admit(const char *provider, const BeatBreakerConfig *c, TimestampTz now,
-				   TimestampTz *until)
+				   TimestampTz *until, TimestampTz *probe)
 {
 	ProviderEntry *e;
 	bool		ok = true;
 
 	*until = 0;
+	*probe = 0;
 	LWLockAcquire(provider_lock, LW_EXCLUSIVE);
 	e = provider_entry(provider, true);
 	if (e != NULL)
@@ -229,7 +230,10 @@ beat_breaker_admit(const char *provider, const BeatBreakerConfig *c, TimestampTz
 		else if (e->state == BREAKER_HALF_OPEN)
 		{
 			if (e->probes_used < c->probes)
+			{
 				e->probes_used++;
+				*probe = e->probe_since;
+			}
 			else
 			{
 				ok = false;
@@ -359,13 +363,16 @@ beat_provider_served(const char *provider)
 }
 
 void
-beat_breaker_release(const char *provider)
+beat_breaker_release(const char *provider, TimestampTz probe)
 {
 	ProviderEntry *e;
 
+	if (probe == 0)
+		return;					/* it took no probe: nothing to give back */
 	LWLockAcquire(provider_lock, LW_EXCLUSIVE);
 	e = provider_entry(provider, false);
-	if (e != NULL && e->state == BREAKER_HALF_OPEN && e->probes_used > 0)
+	if (e != NULL && e->state == BREAKER_HALF_OPEN && e->probe_since == probe &&
+		e->probes_used > 0)
 		e->probes_used--;
 	LWLockRelease(provider_lock);
 }

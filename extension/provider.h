@@ -32,20 +32,24 @@ extern void beat_provider_shmem_startup(void);
 extern bool beat_provider_available(const char *provider, TimestampTz now,
 									TimestampTz *until);
 
-/* Count a call through the breaker; false if it is open (or out of probes). */
+/*
+ * Count a call through the breaker; false if it is open (or out of probes).
+ * *probe: the half-open round whose probe the call took, or 0 (none).
+ */
 extern bool beat_breaker_admit(const char *provider, const BeatBreakerConfig *c,
-							   TimestampTz now, TimestampTz *until);
+							   TimestampTz now, TimestampTz *until, TimestampTz *probe);
 
 /* Report how an admitted call ended: a success closes, failures may open. */
 extern void beat_breaker_report(const char *provider, const BeatBreakerConfig *c,
 								bool ok, const char *error, TimestampTz now);
 
 /*
- * An admitted call was never made (its request could not be built, its host
- * was refused, or its worker stopped): a half-open breaker gets its probe
- * back at once instead of after the cool-down.
+ * An admitted call that took probe (beat_breaker_admit's *probe) was never
+ * made (its request could not be built, its host was refused, or its worker
+ * stopped): the half-open breaker gets that probe back at once instead of
+ * after the cool-down.  Nothing if the round has ended since.
  */
-extern void beat_breaker_release(const char *provider);
+extern void beat_breaker_release(const char *provider, TimestampTz probe);
 
 /* A call of provider succeeded: its own limit's back-off starts over. */
 extern void beat_provider_served(const char *provider);
