@@ -252,7 +252,10 @@ SELECT min(id) AS oldest_event_left FROM beat.event;
 CREATE ROLE data_reader IN ROLE beat_user;
 SET ROLE data_reader;
 SELECT count(*) > 0 AS reads_entities FROM beat.entity;
+-- events_since runs as its caller: beat_user reads beat.event itself
+SELECT count(*) > 0 AS reads_events FROM beat.events_since(0);
 SELECT count(*) FROM beat.consume('reader', 2);
+SELECT beat.diff('{}', '{}');
 SELECT beat.set_mapping('acme', 'profile', 'social', 'profile', '{"key": "$.a"}');
 SELECT beat.ingest(ARRAY[1], ARRAY['acme'], ARRAY['{}'::jsonb]);
 SELECT beat.publish('[{"topic": "fake"}]');

@@ -45,7 +45,8 @@ SELECT count(*) AS flows FROM beat.flow;
 DROP EXTENSION pg_beat;
 
 -- The upgrade path: 0.1.0, with a flow and a task, updated to the default
--- version; the flow and the task survive every step.
+-- version in one ALTER EXTENSION UPDATE (every step on the way runs);
+-- the flow and the task come out of it whole.
 CREATE EXTENSION pg_beat VERSION '0.1.0';
 SELECT count(*) FROM beat.create_flow('kept', max_attempts => 3);
 SELECT beat.enqueue('kept', '{"survives": true}') AS kept_task \gset

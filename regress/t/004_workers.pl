@@ -568,11 +568,19 @@ is( sql(q{SELECT count(*) FROM beat.task t
     my $id = sql(q{SELECT beat.enqueue('stopper', '{}')});
     ok( defined wait_for(q{SELECT state = 'busy' FROM beat.worker_status WHERE flow = 'stopper'}, 10),
         'stopping: the worker is busy with a 5 s transfer');
+    my $t0 = [gettimeofday];
     sql(q{SELECT beat.alter_flow('stopper', workers => 0)});
-    ok( defined wait_for(q{SELECT state = 'stopping' FROM beat.worker_status WHERE flow = 'stopper'}, 2),
+    ok( defined wait_for(q{SELECT state = 'stopping' FROM beat.worker_status WHERE flow = 'stopper'}, 10),
         'stopping: beat.worker_status shows it stopping during the grace period');
     ok( defined wait_for(qq{SELECT state = 'pending' FROM beat.task WHERE id = $id}, 10),
         'stopping: the task is handed back');
+    # the grace starts when the worker sees the change, after $t0; the
+    # transfer would take 5 s
+    my $took = tv_interval($t0);
+    cmp_ok($took, '>=', 1.9, sprintf('stopping: it waited the grace period (%.2f s) first', $took));
+    cmp_ok($took, '<', 5, 'stopping: and no longer: it did not wait for the transfer');
+    is(sql(qq{SELECT attempts FROM beat.task WHERE id = $id}), '0',
+        'stopping: handing back did not count the attempt');
 }
 
 # A call that never goes out (its request cannot be built) gives back what

@@ -120,7 +120,6 @@ sub enqueue_profiles
 	       ARRAY[@{[ join(',', map { "'{\"handle\": \"$_\"}'::jsonb" } @h) ]}])});
 }
 
-# The entity rows of @handles, as text, and the provider that wrote them.
 # The model each answer of provider $p gave (its stored result, parsed
 # again): one line per handle, independent of what other providers merged
 # into the entity rows.

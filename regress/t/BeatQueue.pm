@@ -13,8 +13,9 @@ use warnings;
 
 use Test::More;
 
-# One row summarising the queue: counts by state, that every id is there
-# once, the sum of the ids, and a digest of (id, state, lease owner,
+# One row summarising the queue: counts by state, how many distinct params
+# there are (the tests give every task its own), the sum of the ids, and a
+# digest of (id, state, lease owner,
 # attempts) over the whole table, to compare whole.
 sub snapshot
 {
