@@ -804,6 +804,62 @@ beat_limiter_apply(const char *const *keys, int nkeys, int64 cost, BeatLimiterMo
 }
 
 /*
+ * The limit key is under, checked for a call of cost: too long a key, no
+ * limit matching it, or a cost the limit never admits at once raise, or,
+ * when error is given, set *error (palloc'd) and return NULL.
+ */
+static const LimitDef *
+key_def(const char *key, int64 cost, BeatLimiterMode mode, char **error)
+{
+	const LimitDef *d;
+	int64		most;
+
+	if (strlen(key) >= BEAT_KEY_MAX)
+	{
+		if (error)
+		{
+			*error = psprintf("rate limit key \"%.40s...\" is too long", key);
+			return NULL;
+		}
+		ereport(ERROR,
+				(errcode(ERRCODE_NAME_TOO_LONG),
+				 errmsg("rate limit key is too long"),
+				 errdetail("Keys have at most %d bytes.", BEAT_KEY_MAX - 1)));
+	}
+	d = find_def(key);
+	if (d == NULL)
+	{
+		if (error)
+		{
+			*error = psprintf("no rate limit matches key \"%s\"", key);
+			return NULL;
+		}
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("no rate limit matches key \"%s\"", key),
+				 errhint("Define one with beat.set_limit().")));
+	}
+	most = d->kind == LIMIT_RATE ? d->burst + 1 : d->limit;
+	if (mode != BEAT_REFUND && cost > most)
+	{
+		if (error)
+		{
+			*error = psprintf("cost " INT64_FORMAT " is more than limit \"%s\" ever admits at once",
+							  cost, d->name);
+			return NULL;
+		}
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("cost " INT64_FORMAT " is more than limit \"%s\" ever admits at once",
+						cost, d->name),
+				 errdetail("It admits at most " INT64_FORMAT ".", most),
+				 d->kind == LIMIT_RATE ?
+				 errhint("A rate admits burst + 1 at once; raise its burst.") : 0));
+	}
+	return d;
+}
+
+/*
  * The same, but when error is not NULL, a key no limit matches, a cost
  * too high or a full table is reported in *error (palloc'd, and refused)
  * instead of raised: the workers fail that one task and go on.
@@ -825,27 +881,7 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 	result.allowed = true;
 	result.remaining = PG_INT64_MAX;
 	if (error)
-	{
 		*error = NULL;
-		for (int i = 0; i < nkeys && i < BEAT_MAX_STACKED_KEYS; i++)
-		{
-			const LimitDef *d = strlen(keys[i]) < BEAT_KEY_MAX ? find_def(keys[i]) : NULL;
-
-			kdefs[i] = d;
-
-			if (d == NULL)
-				*error = psprintf("no rate limit matches key \"%s\"", keys[i]);
-			else if (mode != BEAT_REFUND &&
-					 cost > (d->kind == LIMIT_RATE ? d->burst + 1 : d->limit))
-				*error = psprintf("cost " INT64_FORMAT " is more than limit \"%s\" ever admits at once",
-								  cost, d->name);
-			if (*error)
-			{
-				result.allowed = false;
-				return result;
-			}
-		}
-	}
 	if (nkeys > BEAT_MAX_STACKED_KEYS)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
@@ -853,30 +889,13 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 
 	for (int i = 0; i < nkeys; i++)
 	{
-		/* the worker's path (error given) found them all above */
-		const LimitDef *d = error ? kdefs[i] : find_def(keys[i]);
-		int64		most;
-
-		if (strlen(keys[i]) >= BEAT_KEY_MAX)
-			ereport(ERROR,
-					(errcode(ERRCODE_NAME_TOO_LONG),
-					 errmsg("rate limit key is too long"),
-					 errdetail("Keys have at most %d bytes.", BEAT_KEY_MAX - 1)));
-		if (d == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_OBJECT),
-					 errmsg("no rate limit matches key \"%s\"", keys[i]),
-					 errhint("Define one with beat.set_limit().")));
-		most = d->kind == LIMIT_RATE ? d->burst + 1 : d->limit;
-		if (mode != BEAT_REFUND && cost > most)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("cost " INT64_FORMAT " is more than limit \"%s\" ever admits at once",
-							cost, d->name),
-					 errdetail("It admits at most " INT64_FORMAT ".", most),
-					 d->kind == LIMIT_RATE ?
-					 errhint("A rate admits burst + 1 at once; raise its burst.") : 0));
-		kdefs[i] = d;
+		kdefs[i] = key_def(keys[i], cost, mode, error);
+		if (kdefs[i] == NULL)
+		{
+			/* only with error given: nothing is charged */
+			result.allowed = false;
+			return result;
+		}
 		hashes[i] = get_hash_value(buckets, keys[i]);
 		parts[i] = hashes[i] % LIMITER_PARTITIONS;
 	}
