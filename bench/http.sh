@@ -536,7 +536,7 @@ report() {  # [failure message]
         echo "| end-to-end, workers $w, concurrency $c | $(commas "${RUN[$key]}") tasks/s | pg_net $REF_PGNET_DEFAULT/s default, ~$(commas $REF_PGNET_BEST)/s best; target $(commas $TARGET_RATE)/s, aim $(commas $AIM_RATE)/s | $(pct_of "${RUN[$key]}" "$CEILING") of the wrk ceiling; $(commas "$TASKS") in ${RUN[${key}_secs]} s; launcher CPU ${RUN[${key}_launcher]} s; $(verdict_rate "${RUN[$key]}") |"
     done
     if [ -n "${COMMIT_RTT:-}" ]; then
-        echo "| baseline: one durable commit (autocommit one-row INSERT), client round trip | $(fmt_lat "$COMMIT_RTT") | - | a pickup takes three commits: the enqueue, the claim and the result |"
+        echo "| baseline: one durable commit (autocommit one-row INSERT), client round trip | $(fmt_lat "$COMMIT_RTT") | - | a pickup waits for two: the enqueue's and the result's (the claim's commit does not wait) |"
     fi
     if [ -n "${LAT[srv_idle]:-}" ]; then
         echo "| pickup, idle, server-side | $(fmt_lat "${LAT[srv_idle]}") | target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | finished_at - created_at, $SAMPLES samples; $(verdict_lat "${LAT[srv_idle]}") |"
