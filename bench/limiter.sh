@@ -6,7 +6,7 @@
 #      backend), 3 stacked keys: checks/s, p50 and p99 of one check; then two
 #      backends at once;
 #   2. SQL: pgbench running SELECT beat.acquire('{3 keys}') against SELECT 1,
-#      1 and 8 clients, alternating, 5 runs of 10 s each: the median tps
+#      1 and 8 clients, alternating, 11 runs of 5 s each: the median tps
 #      ratio, and the CPU each transaction cost (backend and pgbench);
 #   3. Redis: the same stacked check (3 GCRA keys, all or nothing) as a Lua
 #      script, EVALSHA through redis-benchmark, 1 and 8 clients.
@@ -21,7 +21,7 @@ PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 PGBIN=$("$PG_CONFIG" --bindir)
 require_plain_build "$("$PG_CONFIG" --pkglibdir)/pg_beat.so"
 PORT=${BENCH_PORT:-55434}
-SECONDS_EACH=${BENCH_SECONDS:-10}
+SECONDS_EACH=${BENCH_SECONDS:-5}
 
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
     apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
@@ -97,12 +97,14 @@ pgb() {
         END {split(t, u, " "); if (tps != "") printf "%.0f %d %.3f", tps, n, (a - b) / tick + u[1] + u[2]}' \
         "$DIR/pgbench.out"
 }
-# Alternate the two, five times each, and take the median of the five tps
-# ratios: this machine drifts by more than the difference being measured.
+# Alternate the two, eleven times each, and take the median of the eleven
+# tps ratios: this machine drifts by more than the difference being
+# measured, and one pair of runs is off by up to 25% either way (at five
+# pairs of 10 s, the median of seven whole runs ranged 83-97%).
 # The CPU each transaction cost (its backend and pgbench, summed over the
 # runs) does not drift with the machine's other load: its ratio is what the
 # tps ratio would be on a machine doing nothing else.
-ROUNDS=${BENCH_ROUNDS:-5}
+ROUNDS=${BENCH_ROUNDS:-11}
 for c in 1 8; do
     ratios=()
     pairs=""

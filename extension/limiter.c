@@ -583,9 +583,13 @@ bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh,
 		b->tat = (int128) now * d->limit +
 			(owed * d->period_us + b->period_us - 1) / b->period_us;
 	}
-	b->limit = d->limit;
-	b->period_us = d->period_us;
-	b->burst = d->burst;
+	/* store only on a change: a check must not dirty a line it only reads */
+	if (b->limit != d->limit || b->period_us != d->period_us || b->burst != d->burst)
+	{
+		b->limit = d->limit;
+		b->period_us = d->period_us;
+		b->burst = d->burst;
+	}
 	if (b->kind == LIMIT_QUOTA && (b->window != d->window || now >= b->window_end ||
 								   now < b->window_start))
 	{
