@@ -19,7 +19,8 @@
 #   5. pickup latency of one task at a time, idle and under a steady trickle,
 #      measured server-side (finished_at - created_at) and client-side (a
 #      tight poll of the task's state), the latter from the enqueue sent and
-#      from the enqueue returned (committed);
+#      from the enqueue returned (committed); and a client that waits in
+#      beat.wait(id) instead of polling;
 #   6. worker memory: VmRSS, RssAnon and Pss of each worker every second, and
 #      PostgreSQL's own count of its memory contexts before and after a run;
 #   7. prints a markdown table (also, with what was measured, on a failure).
@@ -547,11 +548,17 @@ report() {  # [failure message]
     if [ -n "${LAT[after_idle]:-}" ]; then
         echo "| pickup, idle, client-side from the enqueue's return | $(fmt_lat "${LAT[after_idle]}") | target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | the same samples: enqueue committed and returned to succeeded seen (the result's durable commit and a poll included); $(verdict_lat "${LAT[after_idle]}") |"
     fi
+    if [ -n "${LAT[wait_idle]:-}" ]; then
+        echo "| pickup, idle, client waiting in beat.wait, from the enqueue's return | $(fmt_lat "${LAT[wait_idle]}") | target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | enqueue committed and returned to beat.wait returning succeeded (the result's durable commit included), $SAMPLES samples; $(verdict_lat "${LAT[wait_idle]}") |"
+    fi
     if [ -n "${LAT[srv_trickle]:-}" ]; then
         echo "| pickup, trickle 5/s, server-side | $(fmt_lat "${LAT[srv_trickle]}") | pg_net ~$REF_PGNET_TRICKLE_MS ms; target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | $SAMPLES samples; $(verdict_lat "${LAT[srv_trickle]}") |"
     fi
     if [ -n "${LAT[cli_trickle]:-}" ]; then
         echo "| pickup, trickle 5/s, client-side | $(fmt_lat "${LAT[cli_trickle]}") | pg_net ~$REF_PGNET_TRICKLE_MS ms; target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | $SAMPLES samples; $(verdict_lat "${LAT[cli_trickle]}") |"
+    fi
+    if [ -n "${LAT[wait_trickle]:-}" ]; then
+        echo "| pickup, trickle 5/s, client waiting in beat.wait, from the enqueue's return | $(fmt_lat "${LAT[wait_trickle]}") | target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | $SAMPLES samples; $(verdict_lat "${LAT[wait_trickle]}") |"
     fi
     if [ -n "${LAT[after_trickle]:-}" ]; then
         echo "| pickup, trickle 5/s, client-side from the enqueue's return | $(fmt_lat "${LAT[after_trickle]}") | target p50 < $TARGET_P50_MS ms, p95 < $TARGET_P95_MS ms | the same samples, from the enqueue's return; $(verdict_lat "${LAT[after_trickle]}") |"
@@ -582,6 +589,8 @@ report() {  # [failure message]
     [ -z "${COMMIT_RTT:-}" ] || echo "- baseline, this session: a round trip (EXECUTE of the poll statement) $POLL_RTT ms on average; an autocommit one-row INSERT (one durable commit) p50/p95/p99/max $(cut -d' ' -f1-4 <<<"$COMMIT_RTT") ms"
     [ -z "${LATDETAIL[srv_idle]:-}" ] || echo "- pickup idle, server-side: ${LATDETAIL[srv_idle]}"
     [ -z "${LATDETAIL[cli_idle]:-}" ] || echo "- pickup idle, client-side: ${LATDETAIL[cli_idle]}"
+    [ -z "${LATDETAIL[wait_idle]:-}" ] || echo "- pickup idle, beat.wait: ${LATDETAIL[wait_idle]}"
+    [ -z "${LATDETAIL[wait_trickle]:-}" ] || echo "- pickup trickle, beat.wait: ${LATDETAIL[wait_trickle]}"
     [ -z "${LATDETAIL[srv_trickle]:-}" ] || echo "- pickup trickle, server-side: ${LATDETAIL[srv_trickle]}"
     [ -z "${LATDETAIL[cli_trickle]:-}" ] || echo "- pickup trickle, client-side: ${LATDETAIL[cli_trickle]}"
     [ -z "${LATDETAIL[top_idle]:-}" ] || echo "- processes that used most CPU during the idle series (both ways, whole machine): ${LATDETAIL[top_idle]}"
@@ -870,6 +879,28 @@ pickup_client() {  # msfile tag
     done
 }
 
+# Client-side, waiting as a program would: autocommit enqueue, then
+# SELECT beat.wait(id), which sleeps until the worker's commit wakes it.
+# Unlike the tight poll, the waiting client takes no CPU from the worker
+# on this 2-core machine.  Writes ms from the enqueue's return to $1, and
+# from the enqueue sent to $1.sent.
+pickup_wait() {  # msfile tag
+    local out=$1 tag=$2 k id t0 ta t1
+    : >"$out"; : >"$out.sent"
+    for k in $(seq "$SAMPLES"); do
+        t0=$EPOCHREALTIME
+        q "SELECT beat.enqueue('$LAT_FLOW', '{\"probe\": \"$tag wait\", \"n\": $k}')"
+        ta=$EPOCHREALTIME
+        id=$R0
+        q "SELECT beat.wait($id, '20 s')"
+        t1=$EPOCHREALTIME
+        [ "$R0" = succeeded ] || die "pickup: beat.wait($id) returned '$R0'"
+        awk -v a="$ta" -v b="$t1" 'BEGIN { printf "%.3f\n", (b - a) * 1000 }' >>"$out"
+        awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", (b - a) * 1000 }' >>"$out.sent"
+        sleep 0.1
+    done
+}
+
 # A steady trickle: one enqueue every 200 ms, from another connection.
 trickle_start() {
     rm -f "$OUT/trickle.stop"
@@ -907,6 +938,11 @@ lat_series() {  # key tag
     pickup_client "$OUT/cli_$key" "$tag"
     LAT[cli_$key]=$(pcts "$OUT/cli_$key")
     LAT[after_$key]=$(pcts "$OUT/cli_$key.after")
+    log "pickup latency, $tag: $SAMPLES samples client-side (beat.wait)"
+    pickup_wait "$OUT/wait_$key" "$tag"
+    LAT[wait_$key]=$(pcts "$OUT/wait_$key")
+    LATDETAIL[wait_$key]="from the enqueue sent p50/p95/p99/max $(pcts "$OUT/wait_$key.sent" | cut -d' ' -f1-4) ms"
+    log "  beat.wait p50/p95/p99/max ms: ${LAT[wait_$key]}"
     LATDETAIL[cli_$key]="of which the enqueue statement (autocommit, durable commit) p50/p95/p99/max $(pcts "$OUT/cli_$key.enqueue" | cut -d' ' -f1-4) ms; polls per sample p50 $(pcts "$OUT/cli_$key.polls" | cut -d' ' -f1)"
     log "  client-side p50/p95/p99/max ms: ${LAT[cli_$key]}"
     proc_snapshot >"$OUT/procs1_lat_$key"

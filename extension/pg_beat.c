@@ -240,6 +240,7 @@ beat_shmem_request(void)
 
 	RequestAddinShmemSpace(MAXALIGN(beat_shmem_size()));
 	RequestAddinShmemSpace(beat_limiter_shmem_size());
+	RequestAddinShmemSpace(beat_wait_shmem_size());
 	RequestNamedLWLockTranche("pg_beat", 1);
 	beat_limiter_shmem_request();
 	beat_provider_shmem_request();
@@ -284,6 +285,7 @@ beat_shmem_startup(void)
 	}
 	beat_limiter_shmem_startup();
 	beat_provider_shmem_startup();
+	beat_wait_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -376,10 +378,12 @@ beat_xact_callback(XactEvent event, void *arg)
 					pg_atomic_fetch_add_u64(&beat_shared->wakeups, 1);
 			}
 			forget_wakes();
+			beat_wait_xact_commit();
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
 			forget_wakes();
+			beat_wait_xact_forget();
 			break;
 		default:
 			break;

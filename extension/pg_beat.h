@@ -101,6 +101,13 @@ extern void beat_wake_at_commit(const char *flow);
 extern void beat_wake_launcher_at_commit(void);
 extern void beat_set_worker_latches(const char *flow);
 
+/* wait.c: beat.wait() and the wake-ups of its waiters */
+extern Size beat_wait_shmem_size(void);
+extern void beat_wait_shmem_startup(void);
+extern void beat_task_done_at_commit(int64 task_id);
+extern void beat_wait_xact_commit(void);
+extern void beat_wait_xact_forget(void);
+
 /* bgworker/launcher.c and bgworker/worker.c: the processes' entry points */
 extern PGDLLEXPORT void beat_launcher_main(Datum arg);
 extern PGDLLEXPORT void beat_worker_main(Datum arg);

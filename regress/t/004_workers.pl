@@ -609,6 +609,42 @@ is( sql(q{SELECT count(*) FROM beat.task t
         'refund: the quota is spent on the calls that went out');
 }
 
+# beat.wait sleeps until the commit that finishes the task wakes it: the
+# worker's (a 300 ms answer), and beat.cancel's from another session.  A
+# wait woken only by its look each second would take about 1 s.
+{
+    sql(qq{SELECT beat.create_flow('waited', request => '{"url": "$BASE/json?delay_ms=300"}',
+            workers => 1)});
+    ok(defined wait_workers('waited', 1, 30), 'wait: flow waited has its worker');
+    my @took;
+    for my $k (1 .. 3)
+    {
+        # one session: the wait starts as soon as the enqueue has committed
+        my ($state, $ms) = split /\|/, sql(q{
+            SELECT beat.enqueue('waited', '{}') AS id \gset
+            SELECT beat.wait(:id, '20 s'),
+                   round(extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)});
+        is($state, 'succeeded', "wait $k: beat.wait returns succeeded");
+        push @took, $ms;
+    }
+    @took = sort { $a <=> $b } @took;
+    note("wait: took @took ms");
+    cmp_ok($took[0], '>=', 250, 'wait: it waited for the 300 ms answer');
+    cmp_ok($took[1], '<', 800, 'wait: the worker\'s commit woke it (median well under the 1 s look)');
+
+    sql(q{SELECT beat.pause('waited')});
+    my $id = sql(q{SELECT beat.enqueue('waited', '{}')});
+    my $s = $node->background_psql('postgres');
+    $s->query_until(qr/go/, qq{\\echo go\nSELECT 'waited:' || beat.wait($id, '20 s') || ':'
+        || (clock_timestamp() - statement_timestamp() < '800 ms');\n});
+    select(undef, undef, undef, 0.3);
+    sql(qq{SELECT beat.cancel($id)});
+    my $out = $s->query_until(qr/waited:\w+:\w/, '');
+    like($out, qr/waited:cancelled:t/, 'wait: beat.cancel in another session wakes the waiter at once');
+    $s->quit;
+    sql(q{SELECT beat.resume('waited')});
+}
+
 # No process of the server crashed (a crash would have restarted them all).
 {
     my @crashes = grep { /terminated by signal|all server processes terminated/ }

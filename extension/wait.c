@@ -1,0 +1,267 @@
+/*-------------------------------------------------------------------------
+ *
+ * wait.c
+ *		beat.wait(task_id, timeout): block until a task has finished.
+ *
+ * A program that enqueues a task and needs its answer could poll the
+ * task's row; on a small machine a tight poll takes a core from the
+ * workers it waits for.  beat.wait sleeps on its latch instead.
+ *
+ * Each backend has one slot in shared memory: the task it waits for (0:
+ * none) and its latch.  A transaction that finishes tasks notes their ids
+ * (beat_task_done_at_commit); after it commits, it sets the latch of every
+ * backend that waits for one of them.  A woken waiter looks at the row
+ * again, with a new snapshot, so a wake-up for a change that in the end
+ * did not finish the task only costs a look.  Changes made without the
+ * functions (an UPDATE by hand) are seen by a look each second.
+ *
+ * No wake-up is lost: a waiter publishes its slot, then (after a barrier)
+ * resets its latch and looks; the committer makes its commit visible,
+ * then (after a barrier) reads the slots.  Either the look sees the
+ * commit, or the committer sees the slot and sets the latch.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "port/atomics.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/shmem.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "pg_beat.h"
+
+PG_FUNCTION_INFO_V1(beat_wait);
+
+/* One backend's wait. */
+typedef struct BeatWaiter
+{
+	pg_atomic_uint64 task_id;	/* 0: not waiting */
+	Latch	   *latch;
+} BeatWaiter;
+
+typedef struct BeatWaiters
+{
+	pg_atomic_uint32 waiting;	/* slots in use: committers skip the scan at 0 */
+	int			n;
+	BeatWaiter	slots[FLEXIBLE_ARRAY_MEMBER];
+} BeatWaiters;
+
+static BeatWaiters *waiters = NULL;
+
+/* The tasks this transaction finished, to wake their waiters at commit. */
+#define DONE_MAX 256
+static int64 done_ids[DONE_MAX];
+static int	n_done = 0;
+static bool done_all = false;	/* too many to list, or not known */
+
+/* A look when nothing woke us: for changes made without the functions. */
+#define WAIT_LOOK_MS 1000
+
+static SPIPlanPtr plan_wait_state = NULL;
+
+Size
+beat_wait_shmem_size(void)
+{
+	return add_size(offsetof(BeatWaiters, slots),
+					mul_size(MaxBackends, sizeof(BeatWaiter)));
+}
+
+/* Allocate or attach (the caller holds AddinShmemInitLock). */
+void
+beat_wait_shmem_startup(void)
+{
+	bool		found;
+
+	waiters = ShmemInitStruct("pg_beat waiters", beat_wait_shmem_size(), &found);
+	if (!found)
+	{
+		pg_atomic_init_u32(&waiters->waiting, 0);
+		waiters->n = MaxBackends;
+		for (int i = 0; i < MaxBackends; i++)
+		{
+			pg_atomic_init_u64(&waiters->slots[i].task_id, 0);
+			waiters->slots[i].latch = NULL;
+		}
+	}
+}
+
+/* Wake the waiters of task_id (0: of every task) when this transaction commits. */
+void
+beat_task_done_at_commit(int64 task_id)
+{
+	if (done_all)
+		return;
+	if (task_id == 0 || n_done == DONE_MAX)
+	{
+		done_all = true;
+		return;
+	}
+	done_ids[n_done++] = task_id;
+}
+
+/* After commit: set the latches of those waiting for what it finished. */
+void
+beat_wait_xact_commit(void)
+{
+	if ((n_done > 0 || done_all) && waiters != NULL)
+	{
+		/* the commit is visible; now read the slots (see the top of the file) */
+		pg_memory_barrier();
+		if (pg_atomic_read_u32(&waiters->waiting) > 0)
+		{
+			for (int i = 0; i < waiters->n; i++)
+			{
+				uint64		t = pg_atomic_read_u64(&waiters->slots[i].task_id);
+				bool		match = done_all;
+
+				if (t == 0)
+					continue;
+				for (int k = 0; k < n_done && !match; k++)
+					match = (uint64) done_ids[k] == t;
+				if (match)
+				{
+					pg_read_barrier();
+					SetLatch(waiters->slots[i].latch);
+				}
+			}
+		}
+	}
+	beat_wait_xact_forget();
+}
+
+/* On abort (or after commit): forget what this transaction finished. */
+void
+beat_wait_xact_forget(void)
+{
+	n_done = 0;
+	done_all = false;
+}
+
+/* Give our slot back (on the way out of beat.wait, also by error). */
+static void
+release_slot(BeatWaiter *w)
+{
+	if (pg_atomic_read_u64(&w->task_id) != 0)
+	{
+		pg_atomic_write_u64(&w->task_id, 0);
+		pg_atomic_fetch_sub_u32(&waiters->waiting, 1);
+	}
+}
+
+/* The state of task_id, with a new snapshot; raise if it does not exist. */
+static char *
+look(int64 task_id)
+{
+	Oid			argtypes[1] = {INT8OID};
+	Datum		v = Int64GetDatum(task_id);
+	bool		isnull;
+	TransactionId xmin;
+	char	   *state;
+
+	beat_prepare(&plan_wait_state,
+				 "SELECT state::text, xmin FROM beat.task WHERE id = $1",
+				 1, argtypes);
+	beat_execute(plan_wait_state, &v, " ", SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("task " INT64_FORMAT " does not exist", task_id)));
+	state = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	xmin = DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[0],
+											   SPI_tuptable->tupdesc, 2, &isnull));
+	if (TransactionIdIsCurrentTransactionId(xmin))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("task " INT64_FORMAT " was changed by this transaction", task_id),
+				 errdetail("No worker sees the task before this transaction commits."),
+				 errhint("Commit, then call beat.wait().")));
+	return state;
+}
+
+static bool
+finished(const char *state)
+{
+	return strcmp(state, "succeeded") == 0 || strcmp(state, "dead") == 0 ||
+		strcmp(state, "cancelled") == 0;
+}
+
+/*
+ * beat.wait(task_id, timeout): the task's state once it has succeeded, is
+ * dead or was cancelled, or its state when timeout has passed.
+ */
+Datum
+beat_wait(PG_FUNCTION_ARGS)
+{
+	int64		task_id;
+	Interval   *timeout;
+	TimestampTz deadline;
+	BeatWaiter *w;
+	MemoryContext caller = CurrentMemoryContext;
+	char	   *state = NULL;
+	text	   *result;
+
+	beat_require(fcinfo, 0, "task_id");
+	beat_require(fcinfo, 1, "timeout");
+	task_id = PG_GETARG_INT64(0);
+	timeout = PG_GETARG_INTERVAL_P(1);
+	beat_check_interval(timeout, "timeout", true);
+	if (task_id <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("task " INT64_FORMAT " does not exist", task_id)));
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("beat.wait() needs the READ COMMITTED isolation level"),
+				 errdetail("Under one snapshot for the whole transaction, the task would never be seen to finish.")));
+	deadline = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+													   TimestampTzGetDatum(GetCurrentTimestamp()),
+													   IntervalPGetDatum(timeout)));
+
+	w = &waiters->slots[MyBackendId - 1];
+	w->latch = MyLatch;
+	pg_atomic_fetch_add_u32(&waiters->waiting, 1);
+	pg_atomic_write_u64(&w->task_id, (uint64) task_id);
+
+	beat_spi_connect();
+	PG_TRY();
+	{
+		for (;;)
+		{
+			long		ms;
+
+			/* published; now reset and look (see the top of the file) */
+			pg_memory_barrier();
+			ResetLatch(MyLatch);
+			state = look(task_id);
+			if (finished(state))
+				break;
+			ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+			if (ms <= 0)
+				break;
+			pfree(state);
+			SPI_freetuptable(SPI_tuptable);
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 Max(Min(ms, WAIT_LOOK_MS), 1), PG_WAIT_EXTENSION);
+			CHECK_FOR_INTERRUPTS();
+		}
+	}
+	PG_FINALLY();
+	{
+		release_slot(w);
+	}
+	PG_END_TRY();
+	/* the answer outlives SPI's memory */
+	MemoryContextSwitchTo(caller);
+	result = cstring_to_text(state);
+	beat_spi_finish();
+	PG_RETURN_TEXT_P(result);
+}
