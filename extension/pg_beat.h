@@ -101,6 +101,9 @@ extern void beat_wake_at_commit(const char *flow);
 extern void beat_wake_launcher_at_commit(void);
 extern void beat_set_worker_latches(const char *flow);
 
+/* queue.c: a task's state (inside SPI) */
+extern char *beat_task_state(int64 task_id, char **owner, TransactionId *xmin);
+
 /* wait.c: beat.wait() and the wake-ups of its waiters */
 extern Size beat_wait_shmem_size(void);
 extern void beat_wait_shmem_startup(void);

@@ -902,15 +902,20 @@ beat_enqueue_batch(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* The state of task_id and its lease owner (NULL if none); raise if it does not exist. */
-static char *
-task_state(int64 task_id, char **owner)
+/*
+ * The state of task_id, and if asked its lease owner (NULL if none) and
+ * the transaction that last wrote its row; raise if it does not exist.
+ * Inside SPI; the strings are SPI's.
+ */
+char *
+beat_task_state(int64 task_id, char **owner, TransactionId *xmin)
 {
 	Oid			argtypes[1] = {INT8OID};
 	Datum		v = Int64GetDatum(task_id);
+	bool		isnull;
 
 	beat_prepare(&plan_task_state,
-				 "SELECT state::text, lease_owner FROM beat.task WHERE id = $1",
+				 "SELECT state::text, lease_owner, xmin FROM beat.task WHERE id = $1",
 				 1, argtypes);
 	beat_execute(plan_task_state, &v, " ", SPI_OK_SELECT);
 	if (SPI_processed == 0)
@@ -919,6 +924,9 @@ task_state(int64 task_id, char **owner)
 				 errmsg("task " INT64_FORMAT " does not exist", task_id)));
 	if (owner)
 		*owner = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	if (xmin)
+		*xmin = DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[0],
+													SPI_tuptable->tupdesc, 3, &isnull));
 	return SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 }
 
@@ -927,7 +935,7 @@ static void
 report_not_held(int64 task_id, const char *worker)
 {
 	char	   *owner;
-	char	   *state = task_state(task_id, &owner);
+	char	   *state = beat_task_state(task_id, &owner, NULL);
 
 	if (owner != NULL)
 		ereport(ERROR,
@@ -1286,7 +1294,7 @@ static void
 report_state(int64 task_id, const char *action, const char *done,
 			 const char *allowed, char **state)
 {
-	*state = task_state(task_id, NULL);
+	*state = beat_task_state(task_id, NULL, NULL);
 	if (strstr(allowed, *state) == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),

@@ -65,8 +65,6 @@ static bool done_all = false;	/* too many to list, or not known */
 /* A look when nothing woke us: for changes made without the functions. */
 #define WAIT_LOOK_MS 1000
 
-static SPIPlanPtr plan_wait_state = NULL;
-
 Size
 beat_wait_shmem_size(void)
 {
@@ -160,23 +158,9 @@ release_slot(BeatWaiter *w)
 static char *
 look(int64 task_id)
 {
-	Oid			argtypes[1] = {INT8OID};
-	Datum		v = Int64GetDatum(task_id);
-	bool		isnull;
 	TransactionId xmin;
-	char	   *state;
+	char	   *state = beat_task_state(task_id, NULL, &xmin);
 
-	beat_prepare(&plan_wait_state,
-				 "SELECT state::text, xmin FROM beat.task WHERE id = $1",
-				 1, argtypes);
-	beat_execute(plan_wait_state, &v, " ", SPI_OK_SELECT);
-	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("task " INT64_FORMAT " does not exist", task_id)));
-	state = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-	xmin = DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[0],
-											   SPI_tuptable->tupdesc, 2, &isnull));
 	if (TransactionIdIsCurrentTransactionId(xmin))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
