@@ -2063,10 +2063,6 @@ record_finished(void)
 	 */
 	for (i = 0; i < n && !any_wait; i++)
 		any_wait = js[i].task_outcome && strcmp(js[i].task_outcome, "wait") == 0;
-	/* whoever waits in beat.wait() for these tasks looks again after the commit */
-	for (i = 0; i < n; i++)
-		if (js[i].task_outcome)
-			beat_task_done_at_commit(js[i].t->task_id);
 	if (any_wait)
 	{
 		journal_collect();

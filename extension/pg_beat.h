@@ -107,7 +107,6 @@ extern char *beat_task_state(int64 task_id, char **owner, TransactionId *xmin);
 /* wait.c: beat.wait() and the wake-ups of its waiters */
 extern Size beat_wait_shmem_size(void);
 extern void beat_wait_shmem_startup(void);
-extern void beat_task_done_at_commit(int64 task_id);
 extern void beat_wait_xact_commit(void);
 extern void beat_wait_xact_forget(void);
 

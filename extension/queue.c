@@ -1096,7 +1096,6 @@ beat_complete(PG_FUNCTION_ARGS)
 	beat_execute(plan_complete, values, nulls, SPI_OK_UPDATE);
 	if (SPI_processed == 0)
 		report_not_held(PG_GETARG_INT64(0), worker);
-	beat_task_done_at_commit(PG_GETARG_INT64(0));
 	beat_spi_finish();
 	PG_RETURN_VOID();
 }
@@ -1183,8 +1182,6 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("task_ids must not contain duplicates")));
 	}
-	for (int i = 0; i < n; i++)
-		beat_task_done_at_commit(DatumGetInt64(ids[i]));
 	beat_spi_finish();
 	PG_RETURN_INT64(n);
 }
@@ -1238,8 +1235,6 @@ beat_fail(PG_FUNCTION_ARGS)
 	if (strcmp(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
 			   "failed") == 0)
 		beat_wake_at_commit(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2));
-	else
-		beat_task_done_at_commit(PG_GETARG_INT64(0));
 	beat_spi_finish();
 
 	PG_RETURN_DATUM(state);
@@ -1327,7 +1322,6 @@ beat_cancel(PG_FUNCTION_ARGS)
 		elog(ERROR, "pg_beat: task " INT64_FORMAT " is %s but was not cancelled",
 			 PG_GETARG_INT64(0), state);
 	}
-	beat_task_done_at_commit(PG_GETARG_INT64(0));
 	beat_spi_finish();
 	PG_RETURN_VOID();
 }
@@ -1412,8 +1406,6 @@ beat_reap(PG_FUNCTION_ARGS)
 
 	if (requeued > 0)
 		beat_wake_at_commit(NULL);
-	if (dead > 0)
-		beat_task_done_at_commit(0);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 

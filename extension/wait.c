@@ -8,12 +8,15 @@
  * workers it waits for.  beat.wait sleeps on its latch instead.
  *
  * Each backend has one slot in shared memory: the task it waits for (0:
- * none) and its latch.  A transaction that finishes tasks notes their ids
- * (beat_task_done_at_commit); after it commits, it sets the latch of every
- * backend that waits for one of them.  A woken waiter looks at the row
- * again, with a new snapshot, so a wake-up for a change that in the end
- * did not finish the task only costs a look.  Changes made without the
- * functions (an UPDATE by hand) are seen by a look each second.
+ * none) and its latch.  A row trigger on beat.task (task_finished, BEFORE
+ * UPDATE OF state, when the state becomes succeeded, dead or cancelled)
+ * notes the task's id, whichever path made the change: a worker, the SQL
+ * functions, the launcher, an UPDATE by hand.  After the transaction
+ * commits, it sets the latch of every backend that waits for one of them.
+ * A woken waiter looks at the row again, with a new snapshot, so a
+ * wake-up for a change that in the end did not finish the task (a
+ * savepoint rolled back) only costs a look.  A look each second catches
+ * what no trigger sees: a task deleted, a prepared transaction committed.
  *
  * No wake-up is lost: a waiter publishes its slot, then (after a barrier)
  * resets its latch and looks; the committer makes its commit visible,
@@ -24,8 +27,9 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "access/xact.h"
-#include "catalog/pg_type.h"
+#include "commands/trigger.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "port/atomics.h"
@@ -39,6 +43,7 @@
 #include "pg_beat.h"
 
 PG_FUNCTION_INFO_V1(beat_wait);
+PG_FUNCTION_INFO_V1(beat_task_finished);
 
 /* One backend's wait. */
 typedef struct BeatWaiter
@@ -62,7 +67,7 @@ static int64 done_ids[DONE_MAX];
 static int	n_done = 0;
 static bool done_all = false;	/* too many to list, or not known */
 
-/* A look when nothing woke us: for changes made without the functions. */
+/* A look when nothing woke us: for what the trigger does not see. */
 #define WAIT_LOOK_MS 1000
 
 Size
@@ -92,8 +97,8 @@ beat_wait_shmem_startup(void)
 }
 
 /* Wake the waiters of task_id (0: of every task) when this transaction commits. */
-void
-beat_task_done_at_commit(int64 task_id)
+static void
+task_done_at_commit(int64 task_id)
 {
 	if (done_all)
 		return;
@@ -103,6 +108,26 @@ beat_task_done_at_commit(int64 task_id)
 		return;
 	}
 	done_ids[n_done++] = task_id;
+}
+
+/*
+ * The trigger task_finished: note the task whose state became succeeded,
+ * dead or cancelled (the trigger's WHEN says so) for the commit.
+ */
+Datum
+beat_task_finished(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	bool		isnull;
+	Datum		id;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BEFORE(td->tg_event) ||
+		!TRIGGER_FIRED_FOR_ROW(td->tg_event) || !TRIGGER_FIRED_BY_UPDATE(td->tg_event))
+		elog(ERROR, "pg_beat: task_finished must run BEFORE UPDATE FOR EACH ROW");
+	id = heap_getattr(td->tg_newtuple, SPI_fnumber(td->tg_relation->rd_att, "id"),
+					  td->tg_relation->rd_att, &isnull);
+	task_done_at_commit(isnull ? 0 : DatumGetInt64(id));
+	return PointerGetDatum(td->tg_newtuple);
 }
 
 /* After commit: set the latches of those waiting for what it finished. */

@@ -9,5 +9,19 @@ RETURNS text
 AS 'MODULE_PATHNAME', 'beat_wait'
 LANGUAGE C VOLATILE SET search_path = pg_catalog, pg_temp;
 
-REVOKE ALL ON FUNCTION beat.wait(bigint, interval) FROM PUBLIC;
+-- Whichever path finishes a task (a worker, the SQL functions, the
+-- launcher, an UPDATE by hand), the task's id is noted for the commit,
+-- which then wakes whoever waits for it in beat.wait.  BEFORE, so that no
+-- event is queued per row; it changes nothing in the row.
+CREATE FUNCTION beat.task_finished()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'beat_task_finished'
+LANGUAGE C;
+
+CREATE TRIGGER task_finished BEFORE UPDATE OF state ON beat.task
+    FOR EACH ROW
+    WHEN (NEW.state IN ('succeeded', 'dead', 'cancelled') AND OLD.state IS DISTINCT FROM NEW.state)
+    EXECUTE FUNCTION beat.task_finished();
+
+REVOKE ALL ON FUNCTION beat.wait(bigint, interval), beat.task_finished() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION beat.wait(bigint, interval) TO beat_user, beat_admin;

@@ -632,15 +632,21 @@ is( sql(q{SELECT count(*) FROM beat.task t
     cmp_ok($took[0], '>=', 250, 'wait: it waited for the 300 ms answer');
     cmp_ok($took[1], '<', 800, 'wait: the worker\'s commit woke it (median well under the 1 s look)');
 
+    # The trigger task_finished sees every path, a plain UPDATE too.
     sql(q{SELECT beat.pause('waited')});
-    my $id = sql(q{SELECT beat.enqueue('waited', '{}')});
     my $s = $node->background_psql('postgres');
-    $s->query_until(qr/go/, qq{\\echo go\nSELECT 'waited:' || beat.wait($id, '20 s') || ':'
-        || (clock_timestamp() - statement_timestamp() < '800 ms');\n});
-    select(undef, undef, undef, 0.3);
-    sql(qq{SELECT beat.cancel($id)});
-    my $out = $s->query_until(qr/waited:\w+:\w/, '');
-    like($out, qr/waited:cancelled:t/, 'wait: beat.cancel in another session wakes the waiter at once');
+    for my $how ([ 'beat.cancel', 'SELECT beat.cancel(%d)', 'cancelled' ],
+                 [ 'an UPDATE by hand', q{UPDATE beat.task SET state = 'dead', finished_at = now() WHERE id = %d}, 'dead' ])
+    {
+        my ($what, $stmt, $state) = @$how;
+        my $id = sql(q{SELECT beat.enqueue('waited', '{}')});
+        $s->query_until(qr/go/, qq{\\echo go\nSELECT 'waited:' || beat.wait($id, '20 s') || ':'
+            || (clock_timestamp() - statement_timestamp() < '800 ms');\n});
+        select(undef, undef, undef, 0.3);
+        sql(sprintf($stmt, $id));
+        my $out = $s->query_until(qr/waited:\w+:\w/, '');
+        like($out, qr/waited:$state:t/, "wait: $what in another session wakes the waiter at once");
+    }
     $s->quit;
     sql(q{SELECT beat.resume('waited')});
 }
