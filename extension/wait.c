@@ -55,7 +55,6 @@ typedef struct BeatWaiter
 typedef struct BeatWaiters
 {
 	pg_atomic_uint32 waiting;	/* slots in use: committers skip the scan at 0 */
-	int			n;
 	BeatWaiter	slots[FLEXIBLE_ARRAY_MEMBER];
 } BeatWaiters;
 
@@ -87,7 +86,6 @@ beat_wait_shmem_startup(void)
 	if (!found)
 	{
 		pg_atomic_init_u32(&waiters->waiting, 0);
-		waiters->n = MaxBackends;
 		for (int i = 0; i < MaxBackends; i++)
 		{
 			pg_atomic_init_u64(&waiters->slots[i].task_id, 0);
@@ -140,7 +138,7 @@ beat_wait_xact_commit(void)
 		pg_memory_barrier();
 		if (pg_atomic_read_u32(&waiters->waiting) > 0)
 		{
-			for (int i = 0; i < waiters->n; i++)
+			for (int i = 0; i < MaxBackends; i++)
 			{
 				uint64		t = pg_atomic_read_u64(&waiters->slots[i].task_id);
 				bool		match = done_all;
