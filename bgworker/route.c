@@ -544,6 +544,33 @@ try_provider(RouteProvider *p, const char *params, TimestampTz now, RouteChoice 
 }
 
 /*
+ * Give back what route_choose charged provider p's limits for a call with
+ * params through credential cred (an index, or -1) that was never sent.
+ * The keys are rendered again: the same templates, params and credential
+ * give the same keys.
+ */
+void
+route_refund(const RouteProvider *p, int cred, const char *params)
+{
+	char	   *keys[BEAT_MAX_STACKED_KEYS];
+	char	   *error = NULL;
+
+	if (p->nlimits == 0)
+		return;
+	if (!beat_render_keys(p->limits, p->nlimits, params, p->name,
+						  cred >= 0 ? p->creds[cred].idtext : NULL, keys, &error))
+	{
+		/* route_choose rendered them, so this cannot fail; charge stays */
+		free(error);
+		return;
+	}
+	/* a refund's only error is palloc'd and there is nothing to undo */
+	(void) beat_limiter_try((const char *const *) keys, p->nlimits, 1, BEAT_REFUND, &error);
+	for (int i = 0; i < p->nlimits; i++)
+		free(keys[i]);
+}
+
+/*
  * Choose a provider and key for a call with params.  pinned >= 0 allows
  * only that provider (a continuation page); providers in the tried mask
  * failed this attempt already and are skipped.

@@ -1653,9 +1653,12 @@ record_finished(void)
 		}
 		j->status = status;
 
-		/* a call that was not made gives its breaker probe back */
+		/* a call that was not made gives back its probe and its charge */
 		if ((t->build_error || t->refused[0]) && provider_of(t))
+		{
 			beat_breaker_release(provider_of(t)->name, t->probe);
+			route_refund(provider_of(t), t->cred, t->params);
+		}
 		if (t->build_error)
 		{
 			j->log_outcome = j->task_outcome = "permanent";

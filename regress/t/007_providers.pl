@@ -357,6 +357,33 @@ is(sql(q{SELECT breaker FROM beat.provider_health WHERE provider = 'probed'}), '
 	'and closes the breaker');
 faults(undef);
 
+# ------------------------------------------------ a charge for a call never sent is given back
+# the provider's limits are charged when a key is chosen, before the
+# request is built; a task whose request cannot be built (no {{id}}) was
+# never sent, so its provider and per-key quotas are whole again after it.
+sql(qq{SELECT beat.set_provider('unsent', base_url => '$BASE',
+        operations => '{"unsent": {"url": "/json", "query": {"id": "{{id}}"}}}',
+        limits => ARRAY['unsent:day', 'unsent-key:{{credential}}'])});
+my $U = add_key(q{SELECT beat.add_credential('unsent', '{"headers": {"X-Api-Key": "unsent-key"}}')});
+sql(q{SELECT (beat.set_limit('unsent:day', 3, quota => 'day')).name});
+sql(q{SELECT (beat.set_limit('unsent-key:{{credential}}', 3, quota => 'day')).name});
+sql(q{SELECT beat.set_route('unsent', 'unsent')});
+sql(q{SELECT beat.create_flow('unsent', operation => 'unsent', workers => 1, max_attempts => 1)});
+sql(q{SELECT beat.enqueue_batch('unsent', array_agg('{"no_id": 1}'::jsonb)) FROM generate_series(1, 3)});
+ok(settle('unsent'), 'three tasks whose request cannot be built end');
+is(sql(q{SELECT count(*) FROM beat.task WHERE flow = 'unsent' AND state = 'dead'
+         AND last_error LIKE '%request not sent%'}), '3', 'dead, not sent');
+is(sql(qq{SELECT string_agg(key || '=' || remaining, ' ' ORDER BY key) FROM beat.limiter_status
+          WHERE key IN ('unsent:day', 'unsent-key:$U')}),
+	"unsent-key:$U=3 unsent:day=3", 'both quotas are whole again');
+sql(q{SELECT beat.enqueue_batch('unsent', array_agg(jsonb_build_object('id', i))) FROM generate_series(1, 3) i});
+ok(settle('unsent'), 'three good tasks end');
+is(sql(q{SELECT count(*) FROM beat.task WHERE flow = 'unsent' AND state = 'succeeded'}), '3',
+	'all three got in and succeeded');
+is(sql(qq{SELECT string_agg(key || '=' || remaining, ' ' ORDER BY key) FROM beat.limiter_status
+          WHERE key IN ('unsent:day', 'unsent-key:$U')}),
+	"unsent-key:$U=0 unsent:day=0", 'the quotas are spent on the calls that went out');
+
 # ------------------------------------------------ a datetime rule across time zones
 # a rule whose path compares a timestamp without a time zone with one that
 # has one: the worker evaluates it with the session's time zone (the _tz
