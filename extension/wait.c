@@ -8,7 +8,7 @@
  * workers it waits for.  beat.wait sleeps on its latch instead.
  *
  * Each backend has one slot in shared memory: the task it waits for (0:
- * none) and its latch.  A row trigger on beat.task (task_finished, BEFORE
+ * none) and its latch.  A row trigger on beat.task (task_finished, AFTER
  * UPDATE OF state, when the state becomes succeeded, dead or cancelled)
  * notes the task's id, whichever path made the change: a worker, the SQL
  * functions, the launcher, an UPDATE by hand.  After the transaction
@@ -119,13 +119,16 @@ beat_task_finished(PG_FUNCTION_ARGS)
 	bool		isnull;
 	Datum		id;
 
-	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BEFORE(td->tg_event) ||
+	if (!CALLED_AS_TRIGGER(fcinfo) ||
 		!TRIGGER_FIRED_FOR_ROW(td->tg_event) || !TRIGGER_FIRED_BY_UPDATE(td->tg_event))
-		elog(ERROR, "pg_beat: task_finished must run BEFORE UPDATE FOR EACH ROW");
-	id = heap_getattr(td->tg_newtuple, SPI_fnumber(td->tg_relation->rd_att, "id"),
-					  td->tg_relation->rd_att, &isnull);
+		elog(ERROR, "pg_beat: task_finished must run on UPDATE FOR EACH ROW");
+	/* id is beat.task's first column (0.1.0.sql) */
+	if (TupleDescAttr(td->tg_relation->rd_att, 0)->atttypid != INT8OID)
+		elog(ERROR, "pg_beat: beat.task's first column is not its bigint id");
+	id = heap_getattr(td->tg_newtuple, 1, td->tg_relation->rd_att, &isnull);
 	task_done_at_commit(isnull ? 0 : DatumGetInt64(id));
-	return PointerGetDatum(td->tg_newtuple);
+	/* BEFORE in 0.6.0 (the library may be newer than the catalog) */
+	return PointerGetDatum(TRIGGER_FIRED_BEFORE(td->tg_event) ? td->tg_newtuple : NULL);
 }
 
 /* After commit: set the latches of those waiting for what it finished. */

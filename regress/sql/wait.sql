@@ -53,4 +53,21 @@ RESET ROLE;
 DROP ROLE regress_wait_user;
 DROP ROLE regress_wait_nobody;
 
+-- Finishing a task writes its update, and no lock of the row: the
+-- trigger that notes it for the waiters runs AFTER the update (a BEFORE
+-- ROW trigger makes PostgreSQL lock each row it is given, in the WAL too).
+CREATE EXTENSION pg_walinspect;
+SELECT count(*) FROM beat.create_flow('wl');
+SELECT beat.enqueue('wl', '{}') AS wal_id \gset
+SELECT count(*) FROM beat.claim('wl', 'w1', 1);
+SELECT pg_current_wal_insert_lsn() AS before_lsn \gset
+SELECT beat.complete(:wal_id, 'w1');
+SELECT record_type, count(*)
+FROM pg_get_wal_records_info(:'before_lsn', pg_current_wal_flush_lsn())
+WHERE resource_manager = 'Heap'
+  AND block_ref LIKE '%/' || pg_relation_filenode('beat.task') || ' %'
+GROUP BY record_type ORDER BY record_type;
+SELECT beat.wait(:wal_id, '0 s');
+DROP EXTENSION pg_walinspect;
+
 DROP EXTENSION pg_beat;
