@@ -651,6 +651,34 @@ is( sql(q{SELECT count(*) FROM beat.task t
     sql(q{SELECT beat.resume('waited')});
 }
 
+# SIGHUP: a worker reloads the configuration without restarting.  A body
+# of 50,000 bytes is over beat.max_response_size (10kB here); raised to
+# 100kB and reloaded, the same worker (same pid) accepts it.
+{
+    sql(qq{SELECT count(*) FROM beat.create_flow('hup',
+            request => '{"url": "$BASE/{{path}}?key={{k}}&{{o1}}={{v1}}&{{o2}}={{v2}}&{{o3}}={{v3}}"}',
+            workers => 1, max_attempts => 1)});
+    ok(defined wait_workers('hup', 1, 30), 'reload: flow hup has its worker');
+    my $pid = worker_pids('hup');
+    my $before = enqueue('hup', fparams('hup-1', 'json', size => 50000));
+    ok(BeatNode::settle($node, 'hup', 20), 'reload: the large answer ends');
+    is(sql(qq{SELECT state FROM beat.task WHERE id = $before}), 'dead',
+        'reload: over 10kB it is dead');
+    sql(q{ALTER SYSTEM SET beat.max_response_size = '100kB'});
+    sql(q{SELECT pg_reload_conf()});
+    ok(defined wait_for(q{SELECT current_setting('beat.max_response_size') = '100kB'}, 10),
+        'reload: the server has the new setting');
+    select(undef, undef, undef, 0.5);    # the worker's SIGHUP sets its latch
+    my $after = enqueue('hup', fparams('hup-2', 'json', size => 50000));
+    ok(BeatNode::settle($node, 'hup', 20), 'reload: the second large answer ends');
+    is(sql(qq{SELECT state FROM beat.task WHERE id = $after}), 'succeeded',
+        'reload: under the new 100kB it succeeds');
+    is(worker_pids('hup'), $pid, 'reload: the same worker served it (reloaded, not restarted)');
+    sql(q{ALTER SYSTEM RESET beat.max_response_size});
+    sql(q{SELECT pg_reload_conf()});
+    sql(q{SELECT beat.drop_flow('hup', force => true)});
+}
+
 # No process of the server crashed (a crash would have restarted them all).
 {
     my @crashes = grep { /terminated by signal|all server processes terminated/ }
