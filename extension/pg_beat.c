@@ -68,14 +68,20 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
  * The outermost transaction nesting level that asked for a wake-up in the
  * current transaction, or 0 when none did.  Requests made deeper than this
  * level are implied by it; see beat_subxact_callback.  What to wake: the
- * flows named (all flows once more than WAKE_FLOWS_MAX are), the launcher.
+ * flows named (all flows once more than WAKE_FLOWS_MAX are), the launcher,
+ * and the beat.wait callers of the tasks finished (all of them once more
+ * than WAKE_TASKS_MAX are).
  */
 #define WAKE_FLOWS_MAX 8
+#define WAKE_TASKS_MAX 256
 static int	wake_nest_level = 0;
 static int	wake_nflows = 0;
 static bool wake_all_flows = false;
 static bool wake_launcher = false;
 static char wake_flows[WAKE_FLOWS_MAX][NAMEDATALEN];
+static int	wake_ntasks = 0;
+static bool wake_all_tasks = false;
+static int64 wake_tasks[WAKE_TASKS_MAX];
 
 void		_PG_init(void);
 static void beat_shmem_request(void);
@@ -307,6 +313,8 @@ forget_wakes(void)
 	wake_nflows = 0;
 	wake_all_flows = false;
 	wake_launcher = false;
+	wake_ntasks = 0;
+	wake_all_tasks = false;
 }
 
 /* Note that flow's workers (all workers when flow is NULL) should be woken. */
@@ -333,6 +341,21 @@ beat_wake_launcher_at_commit(void)
 {
 	note_wake_level();
 	wake_launcher = true;
+}
+
+/* Note that the beat.wait callers waiting for task_id should be woken. */
+void
+beat_wake_waiters_at_commit(int64 task_id)
+{
+	note_wake_level();
+	if (wake_all_tasks)
+		return;
+	if (wake_ntasks == WAKE_TASKS_MAX)
+	{
+		wake_all_tasks = true;
+		return;
+	}
+	wake_tasks[wake_ntasks++] = task_id;
 }
 
 /* Set the latches of the running workers of flow (of all, when NULL). */
@@ -376,14 +399,14 @@ beat_xact_callback(XactEvent event, void *arg)
 						beat_set_worker_latches(wake_flows[i]);
 				if (wake_all_flows || wake_nflows > 0)
 					pg_atomic_fetch_add_u64(&beat_shared->wakeups, 1);
+				if (wake_all_tasks || wake_ntasks > 0)
+					beat_wake_waiters(wake_tasks, wake_ntasks, wake_all_tasks);
 			}
 			forget_wakes();
-			beat_wait_xact_commit();
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
 			forget_wakes();
-			beat_wait_xact_forget();
 			break;
 		default:
 			break;

@@ -99,6 +99,7 @@ extern bool beat_allow_private_addresses;
 /* pg_beat.c: wake the workers of flow (NULL: all flows) when this commits */
 extern void beat_wake_at_commit(const char *flow);
 extern void beat_wake_launcher_at_commit(void);
+extern void beat_wake_waiters_at_commit(int64 task_id);
 extern void beat_set_worker_latches(const char *flow);
 
 /* queue.c: a task's state (inside SPI) */
@@ -107,8 +108,7 @@ extern char *beat_task_state(int64 task_id, char **owner, TransactionId *xmin);
 /* wait.c: beat.wait() and the wake-ups of its waiters */
 extern Size beat_wait_shmem_size(void);
 extern void beat_wait_shmem_startup(void);
-extern void beat_wait_xact_commit(void);
-extern void beat_wait_xact_forget(void);
+extern void beat_wake_waiters(const int64 *task_ids, int n, bool all);
 
 /* bgworker/launcher.c and bgworker/worker.c: the processes' entry points */
 extern PGDLLEXPORT void beat_launcher_main(Datum arg);

@@ -11,11 +11,12 @@
  * none) and its latch.  A row trigger on beat.task (task_finished, AFTER
  * UPDATE OF state, when the state becomes succeeded, dead or cancelled)
  * notes the task's id, whichever path made the change: a worker, the SQL
- * functions, the launcher, an UPDATE by hand.  After the transaction
- * commits, it sets the latch of every backend that waits for one of them.
- * A woken waiter looks at the row again, with a new snapshot, so a
- * wake-up for a change that in the end did not finish the task (a
- * savepoint rolled back) only costs a look.  A look each second catches
+ * functions, the launcher, an UPDATE by hand.  The ids wait with the
+ * transaction's other wake-ups in pg_beat.c (a subtransaction that rolls
+ * back drops those it asked for); after the commit, beat_wake_waiters
+ * sets the latch of every backend that waits for one of them.  A woken
+ * waiter looks at the row again, with a new snapshot, so a wake-up for a
+ * change that in the end did not finish the task only costs a look.  A look each second catches
  * what no trigger sees: a task deleted, a prepared transaction committed.
  *
  * No wake-up is lost: a waiter publishes its slot, then (after a barrier)
@@ -60,12 +61,6 @@ typedef struct BeatWaiters
 
 static BeatWaiters *waiters = NULL;
 
-/* The tasks this transaction finished, to wake their waiters at commit. */
-#define DONE_MAX 256
-static int64 done_ids[DONE_MAX];
-static int	n_done = 0;
-static bool done_all = false;	/* too many to list, or not known */
-
 /* A look when nothing woke us: for what the trigger does not see. */
 #define WAIT_LOOK_MS 1000
 
@@ -94,20 +89,6 @@ beat_wait_shmem_startup(void)
 	}
 }
 
-/* Wake the waiters of task_id (0: of every task) when this transaction commits. */
-static void
-task_done_at_commit(int64 task_id)
-{
-	if (done_all)
-		return;
-	if (task_id == 0 || n_done == DONE_MAX)
-	{
-		done_all = true;
-		return;
-	}
-	done_ids[n_done++] = task_id;
-}
-
 /*
  * The trigger task_finished: note the task whose state became succeeded,
  * dead or cancelled (the trigger's WHEN says so) for the commit.
@@ -117,67 +98,67 @@ beat_task_finished(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
 	bool		isnull;
-	Datum		id;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) ||
 		!TRIGGER_FIRED_FOR_ROW(td->tg_event) || !TRIGGER_FIRED_BY_UPDATE(td->tg_event))
 		elog(ERROR, "pg_beat: task_finished must run on UPDATE FOR EACH ROW");
-	/* id is beat.task's first column (0.1.0.sql) */
-	if (TupleDescAttr(td->tg_relation->rd_att, 0)->atttypid != INT8OID)
-		elog(ERROR, "pg_beat: beat.task's first column is not its bigint id");
-	id = heap_getattr(td->tg_newtuple, 1, td->tg_relation->rd_att, &isnull);
-	task_done_at_commit(isnull ? 0 : DatumGetInt64(id));
+	/* id, the first column of beat.task (0.1.0.sql), is never null */
+	Assert(TupleDescAttr(td->tg_relation->rd_att, 0)->atttypid == INT8OID);
+	beat_wake_waiters_at_commit(DatumGetInt64(heap_getattr(td->tg_newtuple, 1,
+														   td->tg_relation->rd_att,
+														   &isnull)));
 	/* BEFORE in 0.6.0 (the library may be newer than the catalog) */
 	return PointerGetDatum(TRIGGER_FIRED_BEFORE(td->tg_event) ? td->tg_newtuple : NULL);
 }
 
-/* After commit: set the latches of those waiting for what it finished. */
+/*
+ * After a commit that finished these tasks (all: too many to list), set
+ * the latches of those waiting for them (pg_beat.c's commit callback).
+ */
 void
-beat_wait_xact_commit(void)
+beat_wake_waiters(const int64 *task_ids, int n, bool all)
 {
-	if ((n_done > 0 || done_all) && waiters != NULL)
+	/* the commit is visible; now read the slots (see the top of the file) */
+	pg_memory_barrier();
+	if (pg_atomic_read_u32(&waiters->waiting) == 0)
+		return;
+	for (int i = 0; i < MaxBackends; i++)
 	{
-		/* the commit is visible; now read the slots (see the top of the file) */
-		pg_memory_barrier();
-		if (pg_atomic_read_u32(&waiters->waiting) > 0)
-		{
-			for (int i = 0; i < MaxBackends; i++)
-			{
-				uint64		t = pg_atomic_read_u64(&waiters->slots[i].task_id);
-				bool		match = done_all;
+		uint64		t = pg_atomic_read_u64(&waiters->slots[i].task_id);
+		bool		match = all;
 
-				if (t == 0)
-					continue;
-				for (int k = 0; k < n_done && !match; k++)
-					match = (uint64) done_ids[k] == t;
-				if (match)
-				{
-					pg_read_barrier();
-					SetLatch(waiters->slots[i].latch);
-				}
-			}
+		if (t == 0)
+			continue;
+		for (int k = 0; k < n && !match; k++)
+			match = (uint64) task_ids[k] == t;
+		if (match)
+		{
+			pg_read_barrier();
+			SetLatch(waiters->slots[i].latch);
 		}
 	}
-	beat_wait_xact_forget();
 }
 
-/* On abort (or after commit): forget what this transaction finished. */
-void
-beat_wait_xact_forget(void)
-{
-	n_done = 0;
-	done_all = false;
-}
-
-/* Give our slot back (on the way out of beat.wait, also by error). */
+/*
+ * Give our slot back: on the way out of beat.wait, by error too, and when
+ * the backend exits during a wait (a FATAL error, pg_terminate_backend).
+ */
 static void
-release_slot(BeatWaiter *w)
+release_slot(void)
 {
+	BeatWaiter *w = &waiters->slots[MyBackendId - 1];
+
 	if (pg_atomic_read_u64(&w->task_id) != 0)
 	{
 		pg_atomic_write_u64(&w->task_id, 0);
 		pg_atomic_fetch_sub_u32(&waiters->waiting, 1);
 	}
+}
+
+static void
+release_slot_at_exit(int code, Datum arg)
+{
+	release_slot();
 }
 
 /* The state of task_id, with a new snapshot; raise if it does not exist. */
@@ -214,6 +195,7 @@ beat_wait(PG_FUNCTION_ARGS)
 	Interval   *timeout;
 	TimestampTz deadline;
 	BeatWaiter *w;
+	static bool exit_hook_set = false;
 	MemoryContext caller = CurrentMemoryContext;
 	char	   *state = NULL;
 	text	   *result;
@@ -223,10 +205,6 @@ beat_wait(PG_FUNCTION_ARGS)
 	task_id = PG_GETARG_INT64(0);
 	timeout = PG_GETARG_INTERVAL_P(1);
 	beat_check_interval(timeout, "timeout", true);
-	if (task_id <= 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("task " INT64_FORMAT " does not exist", task_id)));
 	if (IsolationUsesXactSnapshot())
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
@@ -236,14 +214,20 @@ beat_wait(PG_FUNCTION_ARGS)
 													   TimestampTzGetDatum(GetCurrentTimestamp()),
 													   IntervalPGetDatum(timeout)));
 
-	w = &waiters->slots[MyBackendId - 1];
-	w->latch = MyLatch;
-	pg_atomic_fetch_add_u32(&waiters->waiting, 1);
-	pg_atomic_write_u64(&w->task_id, (uint64) task_id);
+	if (!exit_hook_set)
+	{
+		before_shmem_exit(release_slot_at_exit, (Datum) 0);
+		exit_hook_set = true;
+	}
 
 	beat_spi_connect();
 	PG_TRY();
 	{
+		w = &waiters->slots[MyBackendId - 1];
+		w->latch = MyLatch;
+		pg_atomic_fetch_add_u32(&waiters->waiting, 1);
+		pg_atomic_write_u64(&w->task_id, (uint64) task_id);
+
 		for (;;)
 		{
 			long		ms;
@@ -266,7 +250,7 @@ beat_wait(PG_FUNCTION_ARGS)
 	}
 	PG_FINALLY();
 	{
-		release_slot(w);
+		release_slot();
 	}
 	PG_END_TRY();
 	/* the answer outlives SPI's memory */
