@@ -544,30 +544,37 @@ try_provider(RouteProvider *p, const char *params, TimestampTz now, RouteChoice 
 }
 
 /*
- * Give back what route_choose charged provider p's limits for a call with
- * params through credential cred (an index, or -1) that was never sent.
- * The keys are rendered again: the same templates, params and credential
- * give the same keys.
+ * Give back one call's charge to the limit keys that templates render to
+ * for params (with provider and credential, as when charged): the call
+ * was never sent.  The same templates and params give the same keys.
  */
 void
-route_refund(const RouteProvider *p, int cred, const char *params)
+route_refund_keys(char *const *templates, int n, const char *params,
+				  const char *provider, const char *credential)
 {
 	char	   *keys[BEAT_MAX_STACKED_KEYS];
 	char	   *error = NULL;
 
-	if (p->nlimits == 0)
+	if (n == 0)
 		return;
-	if (!beat_render_keys(p->limits, p->nlimits, params, p->name,
-						  cred >= 0 ? p->creds[cred].idtext : NULL, keys, &error))
+	if (!beat_render_keys(templates, n, params, provider, credential, keys, &error))
 	{
-		/* route_choose rendered them, so this cannot fail; charge stays */
+		/* they rendered when charged, so this cannot fail; the charge stays */
 		free(error);
 		return;
 	}
 	/* a refund's only error is palloc'd and there is nothing to undo */
-	(void) beat_limiter_try((const char *const *) keys, p->nlimits, 1, BEAT_REFUND, &error);
-	for (int i = 0; i < p->nlimits; i++)
+	(void) beat_limiter_try((const char *const *) keys, n, 1, BEAT_REFUND, &error);
+	for (int i = 0; i < n; i++)
 		free(keys[i]);
+}
+
+/* The same for what route_choose charged provider p through credential cred. */
+void
+route_refund(const RouteProvider *p, int cred, const char *params)
+{
+	route_refund_keys(p->limits, p->nlimits, params, p->name,
+					  cred >= 0 ? p->creds[cred].idtext : NULL);
 }
 
 /*

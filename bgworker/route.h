@@ -101,6 +101,8 @@ extern void route_release(Route *route);
 extern int	route_find(const Route *route, const char *name);
 extern RouteChoice route_choose(Route *route, const char *params, int pinned,
 								uint64 tried, TimestampTz now);
+extern void route_refund_keys(char *const *templates, int n, const char *params,
+							  const char *provider, const char *credential);
 extern void route_refund(const RouteProvider *p, int cred, const char *params);
 extern BeatVerdict route_classify(const RouteProvider *p, long status, Datum result,
 								  json_t *headers, int64 retry_after_s, int64 *wait_us,

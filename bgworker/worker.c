@@ -88,6 +88,7 @@ typedef struct Transfer
 	CURLcode	code;
 	char	   *build_error;	/* the request could not be built */
 	char		refused[160];	/* the request was refused: host or address */
+	bool		sent;			/* a request went out (prereq_cb let one go) */
 	/* flows that name an operation: who serves this call */
 	char	   *params;			/* the task's params (malloc'd), to call again */
 	Route	   *route;			/* the snapshot prov was chosen from (held), or NULL */
@@ -385,6 +386,7 @@ prereq_cb(void *clientp, char *ip, char *local_ip, int port, int local_port)
 		curl_easy_getinfo(t->easy, CURLINFO_EFFECTIVE_URL, &url) == CURLE_OK && url != NULL &&
 		host_refused(t, url))
 		return CURL_PREREQFUNC_ABORT;
+	t->sent = true;
 	return CURL_PREREQFUNC_OK;
 }
 
@@ -549,10 +551,10 @@ transfer_new(int64 task_id, int attempt, const char *params)
 
 /*
  * Build t's request from tmpl (and the key's secret) and hand it to curl;
- * a transfer that cannot start is queued to be recorded as failed, and
- * false returned: nothing was sent.
+ * a transfer that cannot start is queued to be recorded as failed (its
+ * sent stays false: record_finished gives back what the call was charged).
  */
-static bool
+static void
 launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 {
 	char	   *error = NULL;
@@ -561,13 +563,13 @@ launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 	{
 		t->build_error = error;
 		queue_finished(t);
-		return false;
+		return;
 	}
 	if (host_refused(t, t->req.url))
 	{
 		/* refused before anything is connected to */
 		queue_finished(t);
-		return false;
+		return;
 	}
 
 	t->easy = curl_easy_init();
@@ -575,7 +577,7 @@ launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 	{
 		t->build_error = strdup("could not create a curl handle");
 		queue_finished(t);
-		return false;
+		return;
 	}
 	curl_easy_setopt(t->easy, CURLOPT_URL, t->req.url);
 	curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
@@ -611,19 +613,18 @@ launch(Transfer *t, const BeatTemplate *tmpl, json_t *secret, long timeout_ms)
 	{
 		t->build_error = strdup("could not add the transfer to curl");
 		queue_finished(t);
-		return false;
+		return;
 	}
 	t->next = inflight;
 	inflight = t;
 	n_inflight++;
-	return true;
 }
 
 /* Build and start the transfer for one claimed task of a request flow. */
-static bool
+static void
 start_transfer(int64 task_id, int attempt, const char *params)
 {
-	return launch(transfer_new(task_id, attempt, params), cfg.tmpl, NULL, cfg.timeout_ms);
+	launch(transfer_new(task_id, attempt, params), cfg.tmpl, NULL, cfg.timeout_ms);
 }
 
 /* How a call of an operation's task went out, or why it did not. */
@@ -660,11 +661,10 @@ tried_now(const Transfer *t)
  * Choose a provider and key for the next call of t's task and start it.
  * t carries the attempt's history (tried, hops); pinned names the only
  * provider that may serve (a continuation page), or is NULL.  On anything
- * but STARTED the caller still owns t.  *sent (if given) says whether the
- * call went out: a STARTED call whose request could not be built did not.
+ * but STARTED the caller still owns t.
  */
 static DispatchResult
-dispatch(Transfer *t, const char *pinned, TimestampTz *until, char **why, bool *sent)
+dispatch(Transfer *t, const char *pinned, TimestampTz *until, char **why)
 {
 	RouteChoice c;
 	RouteProvider *p;
@@ -699,9 +699,7 @@ dispatch(Transfer *t, const char *pinned, TimestampTz *until, char **why, bool *
 	n->probe = c.probe;
 	n->all_headers = beat_json_new_object();
 	p = provider_of(n);
-	if (launch(n, p->tmpl, c.cred >= 0 ? p->creds[c.cred].secret : NULL, p->timeout_ms) &&
-		sent)
-		*sent = true;
+	launch(n, p->tmpl, c.cred >= 0 ? p->creds[c.cred].secret : NULL, p->timeout_ms);
 	return DISPATCH_STARTED;
 }
 
@@ -862,31 +860,28 @@ claim_and_start(int n, TimestampTz *next_due)
 			int			attempt = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
 			char	   *params = TextDatumGetCString(SPI_getbinval(tup, desc, 3, &isnull));
 
-			char	   *keys[BEAT_MAX_STACKED_KEYS];
-			const char *const *charged = NULL;	/* the flow's keys, once charged */
-			bool		sent = false;
-
 			if (cfg.nlimits > 0)
 			{
+				char	   *keys[BEAT_MAX_STACKED_KEYS];
 				char	   *error = NULL;
 				BeatAcquireResult r;
 
 				/* keys without a placeholder are the templates themselves */
-				if (!cfg.limits_fixed &&
-					!beat_render_keys(cfg.limits, cfg.nlimits, params, NULL, NULL, keys, &error))
+				if (cfg.limits_fixed)
+					r = beat_limiter_try((const char *const *) cfg.limits, cfg.nlimits, 1,
+										 BEAT_CHARGE, &error);
+				else if (beat_render_keys(cfg.limits, cfg.nlimits, params, NULL, NULL, keys, &error))
+				{
+					r = beat_limiter_try((const char *const *) keys, cfg.nlimits, 1,
+										 BEAT_CHARGE, &error);
+					for (int k = 0; k < cfg.nlimits; k++)
+						free(keys[k]);
+				}
+				else
 				{
 					fail_unsent(id, attempt, psprintf("limit keys: %s", error));
 					free(error);
 					continue;
-				}
-				charged = cfg.limits_fixed ? (const char *const *) cfg.limits :
-					(const char *const *) keys;
-				r = beat_limiter_try(charged, cfg.nlimits, 1, BEAT_CHARGE, &error);
-				if (error != NULL || !r.allowed)
-				{
-					if (!cfg.limits_fixed)
-						for (int k = 0; k < cfg.nlimits; k++)
-							free(keys[k]);
 				}
 				if (error != NULL)
 				{
@@ -913,46 +908,31 @@ claim_and_start(int n, TimestampTz *next_due)
 				bool		pnull;
 				Datum		pv = SPI_getbinval(tup, desc, 4, &pnull);
 				bool		page = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
+				DispatchResult d;
 
 				seed->hops = -1;
-				switch (dispatch(seed, page && !pnull ? TextDatumGetCString(pv) : NULL,
-								 &until, &why, &sent))
+				d = dispatch(seed, page && !pnull ? TextDatumGetCString(pv) : NULL, &until, &why);
+				if (d == DISPATCH_WAIT)
 				{
-					case DISPATCH_STARTED:
-						break;
-					case DISPATCH_WAIT:
-						{
-							int64		wait_us = until > 0 ?
-								Max(until - GetCurrentTimestamp(), 0) : 60 * USECS_PER_SEC;
+					int64		wait_us = until > 0 ?
+						Max(until - GetCurrentTimestamp(), 0) : 60 * USECS_PER_SEC;
 
-							refused_ids[nrefused] = Int64GetDatum(id);
-							refused_why[nrefused] = CStringGetTextDatum(why);
-							why_nulls[nrefused] = false;
-							refused_wait[nrefused++] = Float8GetDatum(wait_us / 1000000.0);
-							if (soonest == 0 || wait_us < soonest)
-								soonest = wait_us;
-						}
-						break;
-					case DISPATCH_FAIL:
-						fail_unsent(id, attempt, why);
-						break;
+					refused_ids[nrefused] = Int64GetDatum(id);
+					refused_why[nrefused] = CStringGetTextDatum(why);
+					why_nulls[nrefused] = false;
+					refused_wait[nrefused++] = Float8GetDatum(wait_us / 1000000.0);
+					if (soonest == 0 || wait_us < soonest)
+						soonest = wait_us;
 				}
+				else if (d == DISPATCH_FAIL)
+					fail_unsent(id, attempt, why);
+				/* no transfer carries these calls: give back their charge */
+				if (d != DISPATCH_STARTED)
+					route_refund_keys(cfg.limits, cfg.nlimits, params, NULL, NULL);
 				transfer_free(seed);
 			}
 			else
-				sent = start_transfer(id, attempt, params);
-
-			/* a call that never went out gives back what it was charged */
-			if (charged != NULL)
-			{
-				char	   *error = NULL;	/* palloc'd, if any; nothing to do */
-
-				if (!sent)
-					(void) beat_limiter_try(charged, cfg.nlimits, 1, BEAT_REFUND, &error);
-				if (!cfg.limits_fixed)
-					for (int k = 0; k < cfg.nlimits; k++)
-						free(keys[k]);
-			}
+				start_transfer(id, attempt, params);
 		}
 
 		if (nrefused > 0)
@@ -1206,7 +1186,7 @@ call_again(Judged *j, BeatVerdict v)
 		j->wait_null = false;
 		return;
 	}
-	switch (dispatch(t, t->pinned ? provider_of(t)->name : NULL, &until, &why, NULL))
+	switch (dispatch(t, t->pinned ? provider_of(t)->name : NULL, &until, &why))
 	{
 		case DISPATCH_STARTED:
 			if (v == VERDICT_TRANSIENT)
@@ -1653,11 +1633,22 @@ record_finished(void)
 		}
 		j->status = status;
 
-		/* a call that was not made gives back its probe and its charge */
+		/* a call with no answer to judge gives its breaker probe back */
 		if ((t->build_error || t->refused[0]) && provider_of(t))
-		{
 			beat_breaker_release(provider_of(t)->name, t->probe);
-			route_refund(provider_of(t), t->cred, t->params);
+
+		/*
+		 * A call that never went out (refused on a redirect, it did) gives
+		 * back its charges: the provider's, and the flow's when it was the
+		 * attempt's first call (the flow's limits are charged once per
+		 * attempt; their keys are rendered again from the flow's settings).
+		 */
+		if (!t->sent && (t->build_error || t->refused[0]))
+		{
+			if (provider_of(t))
+				route_refund(provider_of(t), t->cred, t->params);
+			if (t->hops == 0)
+				route_refund_keys(cfg.limits, cfg.nlimits, t->params, NULL, NULL);
 		}
 		if (t->build_error)
 		{

@@ -584,10 +584,11 @@ is( sql(q{SELECT count(*) FROM beat.task t
 }
 
 # A call that never goes out (its request cannot be built) gives back what
-# the flow's limits charged for it: three such tasks against a quota of 3
-# a day leave the whole quota to the three good tasks after them.
+# the flow's limits charged for it: three such tasks against a limit of 3
+# a day leave all of it to the three good tasks after them.  (A rate of 3 a
+# day with a burst of 2, not a day quota: no midnight can fall in between.)
 {
-    sql(q{SELECT (beat.set_limit('refund:day', 3, quota => 'day')).name});
+    sql(q{SELECT (beat.set_limit('refund:day', 3, per => '1 day', burst => 2)).name});
     sql(qq{SELECT count(*) FROM beat.create_flow('rf',
             request => '{"url": "$BASE/json?key={{k}}&v={{v}}"}',
             workers => 1, max_attempts => 1, limits => '{refund:day}')});
@@ -599,14 +600,14 @@ is( sql(q{SELECT count(*) FROM beat.task t
              AND last_error LIKE '%missing parameter "v"%'}),
         '3', 'refund: they are dead for the missing parameter');
     is(sql(q{SELECT remaining FROM beat.limiter_status WHERE key = 'refund:day'}), '3',
-        'refund: the quota is whole again (nothing was sent)');
+        'refund: the limit is whole again (nothing was sent)');
     sql(q{SELECT count(*) FROM beat.enqueue_batch('rf',
             '[{"k": "rf-1", "v": 1}, {"k": "rf-2", "v": 2}, {"k": "rf-3", "v": 3}]'::jsonb)});
     ok(BeatNode::settle($node, 'rf', 20), 'refund: the three good tasks end');
     is(sql(q{SELECT count(*) FROM beat.task WHERE flow = 'rf' AND state = 'succeeded'}), '3',
         'refund: all three good tasks got in and succeeded');
     is(sql(q{SELECT remaining FROM beat.limiter_status WHERE key = 'refund:day'}), '0',
-        'refund: the quota is spent on the calls that went out');
+        'refund: the limit is spent on the calls that went out');
 }
 
 # beat.wait sleeps until the commit that finishes the task wakes it: the

@@ -256,7 +256,8 @@ like(sql(qq{SELECT last_error FROM beat.task WHERE id = $orphan}),
 # ------------------------------------------------ allowlist and private addresses
 sql(qq{SELECT beat.set_provider('fenced', base_url => '$BASE', allowed_hosts => ARRAY['api.example.com'],
         operations => '{"hop": {"url": "/json", "query": {"key": "fenced"}}}')});
-sql(qq{SELECT beat.set_provider('hopper', base_url => '$BASE',
+sql(q{SELECT (beat.set_limit('hopper-day', 10, per => '1 day', burst => 9)).name});
+sql(qq{SELECT beat.set_provider('hopper', base_url => '$BASE', limits => ARRAY['hopper-day'],
         operations => '{"hop": {"url": "/redirect", "query": {"to": "http://localhost:@{[ $BASE =~ /:(\d+)$/ ]}/json?key=leak"}}}')});
 sql(q{SELECT beat.create_flow('fenced', operation => 'hop', workers => 1)});
 sql(q{SELECT beat.set_route('hop', 'fenced')});
@@ -273,12 +274,16 @@ ok(settle('fenced'), 'the redirected task ends');
 like(sql(qq{SELECT state || ': ' || last_error FROM beat.task WHERE id = $f2}),
 	qr/^dead: request refused: host localhost is not in the allowed hosts/,
 	'a redirect to a host outside the allowlist is refused');
+is(sql(q{SELECT remaining FROM beat.limiter_status WHERE key = 'hopper-day'}), '9',
+	'the redirected call went out: its charge to the provider stays');
 my $st = $up->stats;
 is(($st->{by_key}{fenced} // 0) + ($st->{by_key}{leak} // 0), 0,
 	'the refused requests never reached the upstream');
 $node->append_conf('postgresql.conf', 'beat.allow_private_addresses = off');
 $node->reload;
-sql(qq{SELECT beat.create_flow('plain', request => '{"url": "$BASE/json?key=private"}', workers => 1)});
+sql(q{SELECT (beat.set_limit('plain-day', 10, per => '1 day', burst => 9)).name});
+sql(qq{SELECT beat.create_flow('plain', request => '{"url": "$BASE/json?key=private"}', workers => 1,
+        limits => '{plain-day}')});
 my $f3 = sql(q{SELECT beat.enqueue('plain', '{}')});
 ok(settle('plain'), 'the private task ends');
 like(sql(qq{SELECT state || ': ' || last_error FROM beat.task WHERE id = $f3}),
@@ -286,6 +291,8 @@ like(sql(qq{SELECT state || ': ' || last_error FROM beat.task WHERE id = $f3}),
 	'a loopback address is refused unless beat.allow_private_addresses');
 is($up->stats->{by_key}{private} // 0, 0, 'nothing was sent to it');
 is(sql(q{SELECT outcome FROM beat.http_log WHERE flow = 'plain'}), 'refused', 'logged as refused');
+is(sql(q{SELECT remaining FROM beat.limiter_status WHERE key = 'plain-day'}), '10',
+	'a call refused before it went out gives the flow its charge back');
 $node->append_conf('postgresql.conf', 'beat.allow_private_addresses = on');
 $node->reload;
 
@@ -360,13 +367,15 @@ faults(undef);
 # ------------------------------------------------ a charge for a call never sent is given back
 # the provider's limits are charged when a key is chosen, before the
 # request is built; a task whose request cannot be built (no {{id}}) was
-# never sent, so its provider and per-key quotas are whole again after it.
+# never sent, so its provider and per-key limits are whole again after it.
 sql(qq{SELECT beat.set_provider('unsent', base_url => '$BASE',
         operations => '{"unsent": {"url": "/json", "query": {"id": "{{id}}"}}}',
         limits => ARRAY['unsent:day', 'unsent-key:{{credential}}'])});
 my $U = add_key(q{SELECT beat.add_credential('unsent', '{"headers": {"X-Api-Key": "unsent-key"}}')});
-sql(q{SELECT (beat.set_limit('unsent:day', 3, quota => 'day')).name});
-sql(q{SELECT (beat.set_limit('unsent-key:{{credential}}', 3, quota => 'day')).name});
+# (rates of 3 a day with a burst of 2: unlike a day quota, no midnight can
+# fall between the charges and the checks)
+sql(q{SELECT (beat.set_limit('unsent:day', 3, per => '1 day', burst => 2)).name});
+sql(q{SELECT (beat.set_limit('unsent-key:{{credential}}', 3, per => '1 day', burst => 2)).name});
 sql(q{SELECT beat.set_route('unsent', 'unsent')});
 sql(q{SELECT beat.create_flow('unsent', operation => 'unsent', workers => 1, max_attempts => 1)});
 sql(q{SELECT beat.enqueue_batch('unsent', array_agg('{"no_id": 1}'::jsonb)) FROM generate_series(1, 3)});
@@ -375,14 +384,14 @@ is(sql(q{SELECT count(*) FROM beat.task WHERE flow = 'unsent' AND state = 'dead'
          AND last_error LIKE '%request not sent%'}), '3', 'dead, not sent');
 is(sql(qq{SELECT string_agg(key || '=' || remaining, ' ' ORDER BY key) FROM beat.limiter_status
           WHERE key IN ('unsent:day', 'unsent-key:$U')}),
-	"unsent-key:$U=3 unsent:day=3", 'both quotas are whole again');
+	"unsent-key:$U=3 unsent:day=3", 'both limits are whole again');
 sql(q{SELECT beat.enqueue_batch('unsent', array_agg(jsonb_build_object('id', i))) FROM generate_series(1, 3) i});
 ok(settle('unsent'), 'three good tasks end');
 is(sql(q{SELECT count(*) FROM beat.task WHERE flow = 'unsent' AND state = 'succeeded'}), '3',
 	'all three got in and succeeded');
 is(sql(qq{SELECT string_agg(key || '=' || remaining, ' ' ORDER BY key) FROM beat.limiter_status
           WHERE key IN ('unsent:day', 'unsent-key:$U')}),
-	"unsent-key:$U=0 unsent:day=0", 'the quotas are spent on the calls that went out');
+	"unsent-key:$U=0 unsent:day=0", 'the limits are spent on the calls that went out');
 
 # ------------------------------------------------ a datetime rule across time zones
 # a rule whose path compares a timestamp without a time zone with one that
