@@ -30,7 +30,6 @@
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/dependency.h"
-#include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
@@ -649,12 +648,6 @@ insert_direct(EnqueueArgs *a, Datum *params, Datum *cids, int count, int64 *ids)
 								ObjectIdGetDatum(TupleDescAttr(RelationGetDescr(rel),
 															   att[D_STATE] - 1)->atttypid));
 	seq = getIdentitySequence(relid, att[D_ID], false);
-	/* what the INSERT's nextval() would ask of us */
-	if (pg_class_aclcheck(seq, GetUserId(), ACL_USAGE | ACL_UPDATE) == ACLCHECK_NO_PRIV)
-	{
-		table_close(rel, NoLock);
-		return false;
-	}
 
 	estate = CreateExecutorState();
 	rri = makeNode(ResultRelInfo);
