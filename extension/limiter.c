@@ -570,22 +570,22 @@ bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh,
 		b->tat = (int128) now * d->limit;
 		b->window_start = b->window_end = 0;
 	}
-	if (b->kind == LIMIT_RATE && (b->limit != d->limit || b->period_us != d->period_us))
-	{
-		/*
-		 * Keep the units still owed, and pay them at the new rate: what was
-		 * tat - now at T_old becomes (tat - now) * T_new / T_old, rounded
-		 * up.  Scaled: tat' = now * L' + (tat - now * L) * P' / P.
-		 */
-		int128		t_old = (int128) now * b->limit;
-		int128		owed = b->tat > t_old ? b->tat - t_old : 0;
-
-		b->tat = (int128) now * d->limit +
-			(owed * d->period_us + b->period_us - 1) / b->period_us;
-	}
 	/* store only on a change: a check must not dirty a line it only reads */
 	if (b->limit != d->limit || b->period_us != d->period_us || b->burst != d->burst)
 	{
+		if (b->kind == LIMIT_RATE && (b->limit != d->limit || b->period_us != d->period_us))
+		{
+			/*
+			 * Keep the units still owed, and pay them at the new rate: what
+			 * was tat - now at T_old becomes (tat - now) * T_new / T_old,
+			 * rounded up.  Scaled: tat' = now * L' + (tat - now * L) * P' / P.
+			 */
+			int128		t_old = (int128) now * b->limit;
+			int128		owed = b->tat > t_old ? b->tat - t_old : 0;
+
+			b->tat = (int128) now * d->limit +
+				(owed * d->period_us + b->period_us - 1) / b->period_us;
+		}
 		b->limit = d->limit;
 		b->period_us = d->period_us;
 		b->burst = d->burst;
