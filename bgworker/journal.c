@@ -32,6 +32,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "common/file_perm.h"
@@ -39,7 +41,6 @@
 #include "nodes/pg_list.h"
 #include "port/pg_crc32c.h"
 #include "storage/fd.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -85,8 +86,15 @@ journal_crc(const JournalHeader *h, const JournalEntry *e)
 	return crc;
 }
 
+/* beat.task's oid: it tells an installation of pg_beat from the next one. */
+static Oid
+task_relid(bool missing_ok)
+{
+	return get_relname_relid("task", get_namespace_oid("beat", missing_ok));
+}
+
 void
-beat_journal_open(int slot_no, const char *worker, Oid task_relid)
+beat_journal_open(int slot_no, const char *worker)
 {
 	snprintf(journal_path, sizeof(journal_path), JOURNAL_DIR "/" JOURNAL_PREFIX "%d", slot_no);
 	journal_fd = BasicOpenFilePerm(journal_path, O_WRONLY | O_CREAT | O_TRUNC | PG_BINARY,
@@ -100,7 +108,7 @@ beat_journal_open(int slot_no, const char *worker, Oid task_relid)
 	journal_buf = MemoryContextAllocZero(TopMemoryContext,
 										 sizeof(JournalHeader) + sizeof(JournalEntry) * journal_cap);
 	journal_buf->magic = JOURNAL_MAGIC;
-	journal_buf->task_relid = task_relid;
+	journal_buf->task_relid = task_relid(true);
 	strlcpy(journal_buf->worker, worker, sizeof(journal_buf->worker));
 }
 
@@ -148,6 +156,14 @@ beat_journal_write(void)
 void
 beat_journal_remove(void)
 {
+	/*
+	 * Whatever this worker claimed is in the WAL now, out of the journal's
+	 * reach: a later crash cannot undo it, and the journal, left behind,
+	 * could only count attempts that were given back since.  (A crash of
+	 * the worker runs no exit callbacks: its journal stays.)
+	 */
+	if (XactLastCommitEnd != InvalidXLogRecPtr)
+		XLogFlush(XactLastCommitEnd);
 	if (journal_fd < 0)
 		return;
 	close(journal_fd);
@@ -186,7 +202,7 @@ typedef struct JournalRead
  * installation, and (with a warning) if it is damaged.
  */
 static JournalRead *
-journal_read(const char *path, Oid task_relid)
+journal_read(const char *path, Oid relid)
 {
 	FILE	   *f = AllocateFile(path, PG_BINARY_R);
 	JournalHeader h;
@@ -224,7 +240,7 @@ journal_read(const char *path, Oid task_relid)
 	}
 
 	/* nothing under way, or other tasks: an earlier installation of pg_beat */
-	if (h.count == 0 || h.task_relid != task_relid)
+	if (h.count == 0 || h.task_relid != relid)
 		return NULL;
 	h.worker[sizeof(h.worker) - 1] = '\0';
 	r->owner = CStringGetTextDatum(h.worker);
@@ -235,7 +251,7 @@ journal_read(const char *path, Oid task_relid)
 uint64
 beat_journal_recover(void)
 {
-	Oid			task_relid = get_relname_relid("task", get_namespace_oid("beat", false));
+	Oid			relid = task_relid(false);
 	List	   *reads = NIL;
 	ListCell   *lc;
 	int			n = 0;
@@ -247,7 +263,7 @@ beat_journal_recover(void)
 
 	foreach(lc, journal_paths())
 	{
-		JournalRead *r = journal_read(lfirst(lc), task_relid);
+		JournalRead *r = journal_read(lfirst(lc), relid);
 
 		if (r != NULL)
 		{

@@ -9,11 +9,8 @@
 #ifndef BEAT_JOURNAL_H
 #define BEAT_JOURNAL_H
 
-/*
- * worker: open (and empty) the journal of worker slot slot_no; task_relid
- * (beat.task) tells an installation of pg_beat from the next one
- */
-extern void beat_journal_open(int slot_no, const char *worker, Oid task_relid);
+/* worker, in a transaction: open (and empty) the journal of slot slot_no */
+extern void beat_journal_open(int slot_no, const char *worker);
 
 /*
  * worker: the journal's next content is built with reset and add, then

@@ -38,7 +38,6 @@
 #include "storage/proc.h"
 #include "storage/spin.h"
 #include "tcop/tcopprot.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -543,7 +542,6 @@ beat_launcher_main(Datum arg)
 {
 	MemoryContext pass_ctx;
 	bool		recovered = false;
-	bool		journals_read = false;
 	TimestampTz next_reap = 0;
 	TimestampTz next_purge = 0;
 
@@ -595,6 +593,7 @@ beat_launcher_main(Datum arg)
 		TimestampTz wake;
 		long		timeout;
 		bool		installed = false;
+		bool		journals_read = false;
 		WantedFlow *wanted = NULL;
 		int			nwanted = 0;
 		TimestampTz next_restart;
@@ -616,7 +615,6 @@ beat_launcher_main(Datum arg)
 		pgstat_report_activity(STATE_RUNNING, "pg_beat launcher pass");
 
 		installed = extension_installed();
-		journals_read = false;
 		if (installed)
 		{
 			if (!recovered)

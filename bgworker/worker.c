@@ -42,7 +42,6 @@
 
 #include "access/xact.h"
 #include "access/xlog.h"
-#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -165,14 +164,6 @@ static SPIPlanPtr plan_extend = NULL;
 static void
 worker_detach(int code, Datum arg)
 {
-	/*
-	 * Whatever this worker claimed is in the WAL now, out of the journal's
-	 * reach: a later crash cannot undo it, and the journal, left behind,
-	 * could only count attempts that were given back since.  (A crash of
-	 * this process runs no exit callbacks: its journal stays.)
-	 */
-	if (XactLastCommitEnd != InvalidXLogRecPtr)
-		XLogFlush(XactLastCommitEnd);
 	beat_journal_remove();
 
 	LWLockAcquire(beat_shared->lock, LW_EXCLUSIVE);
@@ -761,7 +752,7 @@ journal_write(bool after_claim)
 		ereport(WARNING,
 				(errcode_for_file_access(),
 				 errmsg("pg_beat: could not write the claim journal: %m"),
-				 errdetail("Claims wait for the disk instead.")));
+				 errdetail("Claims wait for the disk instead; after a crash, a task whose attempt was given back may count it again.")));
 	warned = true;
 	if (after_claim)
 		XLogFlush(XactLastCommitEnd);
@@ -2181,14 +2172,9 @@ beat_worker_main(Datum arg)
 	worker_name = MemoryContextStrdup(TopMemoryContext,
 									  beat_worker_name(flow_name, my_index, MyProcPid));
 	pgstat_report_appname(psprintf("pg_beat worker %s/%d", flow_name, my_index));
-	{
-		Oid			task_relid;
-
-		StartTransactionCommand();
-		task_relid = get_relname_relid("task", get_namespace_oid("beat", true));
-		CommitTransactionCommand();
-		beat_journal_open(slot_no, worker_name, task_relid);
-	}
+	StartTransactionCommand();
+	beat_journal_open(slot_no, worker_name);
+	CommitTransactionCommand();
 
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
 		elog(ERROR, "pg_beat: curl_global_init failed");
