@@ -376,8 +376,10 @@ DELETE FROM beat.task WHERE flow = 'qd' AND params = '{"w": 1}';
 -- write, here row 150, in its second chunk of 100 (the first chunk is
 -- checked and written before it).
 ALTER TABLE beat.task ADD CONSTRAINT no_bad CHECK (NOT params ? 'bad') NOT VALID;
+SELECT count(*) AS before FROM beat.task \gset
 SELECT pg_temp.err($$SELECT beat.enqueue_batch('qd', (SELECT array_agg(CASE WHEN g = 150
     THEN '{"bad": 1}' ELSE '{}' END::jsonb) FROM generate_series(1, 200) g))$$);
+SELECT count(*) = :before AS nothing_written FROM beat.task;
 ALTER TABLE beat.task DROP CONSTRAINT no_bad;
 -- A column of another type, a default on a column the direct write leaves
 -- NULL, a rule: each sends the batch back to the INSERT, which honours it.

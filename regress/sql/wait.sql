@@ -8,10 +8,10 @@ SELECT count(*) FROM beat.create_flow('wt');
 SELECT beat.enqueue('wt', '{}') AS done_id \gset
 SELECT count(*) FROM beat.claim('wt', 'w1', 1);
 SELECT beat.complete(:done_id, 'w1', '{"ok": true}');
-SELECT beat.wait(:done_id);
+SELECT beat.wait(:done_id), clock_timestamp() - statement_timestamp() < '1 s' AS at_once;
 SELECT beat.enqueue('wt', '{}') AS cancelled_id \gset
 SELECT beat.cancel(:cancelled_id);
-SELECT beat.wait(:cancelled_id, '10 s');
+SELECT beat.wait(:cancelled_id, '10 s'), clock_timestamp() - statement_timestamp() < '1 s' AS at_once;
 
 -- A task that has not: its state when the timeout has passed, no sooner.
 SELECT beat.enqueue('wt', '{}') AS pending_id \gset
@@ -44,12 +44,15 @@ ROLLBACK;
 -- beat_user may wait; a role without it may not.
 CREATE ROLE regress_wait_user IN ROLE beat_user;
 CREATE ROLE regress_wait_nobody;
+-- (with the schema usable, so that it is the function that refuses)
+GRANT USAGE ON SCHEMA beat TO regress_wait_nobody;
 SET ROLE regress_wait_user;
 SELECT beat.wait(:done_id);
 RESET ROLE;
 SET ROLE regress_wait_nobody;
 SELECT beat.wait(:done_id);
 RESET ROLE;
+REVOKE USAGE ON SCHEMA beat FROM regress_wait_nobody;
 DROP ROLE regress_wait_user;
 DROP ROLE regress_wait_nobody;
 
