@@ -19,6 +19,8 @@
 #                    wait events during the drains; prints a diagnostics
 #                    section.  Adds overhead: not for the headline figures.
 #   BENCH_KEEP=1     keep the cluster directory at the end (it is printed).
+#   BENCH_FILLFACTOR a fillfactor for beat.task, set after CREATE EXTENSION
+#                    (a trial: pg_beat leaves the default, 100)
 #   BENCH_REPEAT     runs of measurements 2 and 4, which take about a
 #                    second each; the report gives their median  (3)
 
@@ -31,6 +33,7 @@ DURATION=${BENCH_DURATION:-20}
 PGBENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
 DIAG=${BENCH_DIAG:-0}
 KEEP=${BENCH_KEEP:-0}
+FILLFACTOR=${BENCH_FILLFACTOR:-}
 EXTENSION=${BENCH_EXTENSION:-pg_beat}     # for harness self-checks only
 PRELOAD=${BENCH_PRELOAD-pg_beat}          # shared_preload_libraries
 
@@ -148,6 +151,9 @@ STARTED=1
 sql() { as_pg "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -d postgres "$@"; }
 
 sql -c "CREATE EXTENSION $EXTENSION" || die "CREATE EXTENSION $EXTENSION failed"
+if [ -n "$FILLFACTOR" ]; then
+    sql -c "ALTER TABLE beat.task SET (fillfactor = $FILLFACTOR)" || die "could not set fillfactor $FILLFACTOR"
+fi
 sql -c "CREATE TABLE bench_insert (x integer)"
 if [ "$DIAG" = 1 ]; then sql -c "CREATE EXTENSION pg_stat_statements"; fi
 
@@ -488,6 +494,7 @@ row() {  # label key ref
     echo "- $PG_VERSION"
     echo "- pg_beat $EXT_VERSION ($SO_INFO); repo $REPO at $REV; run $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- pgbench: simple protocol, unix socket, ${DURATION}s timed runs"
+    if [ -n "$FILLFACTOR" ]; then echo "- beat.task fillfactor $FILLFACTOR (BENCH_FILLFACTOR)"; fi
     echo "- load average (1/5/15 min) at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     echo "Settings:"
