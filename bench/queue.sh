@@ -13,7 +13,11 @@
 # Knobs (environment), all optional:
 #   PGBIN            PostgreSQL binaries        (/usr/lib/postgresql/15/bin)
 #   BENCH_PORT       server port                (55432)
-#   BENCH_DURATION   seconds of each timed run  (20)
+#   BENCH_DURATION   seconds of the SELECT 1 run  (10)
+#   BENCH_ROUNDS     rounds of measurement 1 and its baselines  (5)
+#   BENCH_ROUND_SECONDS  seconds of each run in those rounds  (4)
+#   BENCH_SHARED_BUFFERS  the server's shared_buffers  (128MB, PostgreSQL's
+#                    default; see bench/README.md for why not more)
 #   BENCH_TIMEOUT    hard limit per pgbench run (150 s)
 #   BENCH_DIAG=1     also load pg_stat_statements (track = all) and sample
 #                    wait events during the drains; prints a diagnostics
@@ -29,7 +33,10 @@ set -euo pipefail
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PORT=${BENCH_PORT:-55432}
-DURATION=${BENCH_DURATION:-20}
+DURATION=${BENCH_DURATION:-10}
+ROUNDS=${BENCH_ROUNDS:-5}
+ROUND_SECONDS=${BENCH_ROUND_SECONDS:-4}
+SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-128MB}
 PGBENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
 DIAG=${BENCH_DIAG:-0}
 KEEP=${BENCH_KEEP:-0}
@@ -127,7 +134,7 @@ port = $PORT
 listen_addresses = ''
 unix_socket_directories = '$DIR'
 shared_preload_libraries = '$PRELOAD'
-shared_buffers = 1GB
+shared_buffers = $SHARED_BUFFERS
 max_wal_size = 4GB
 max_connections = 30
 # default durability, stated explicitly
@@ -177,6 +184,11 @@ script() {  # name, body
 settle() {
     sql -c "CHECKPOINT" >/dev/null
 }
+
+# Page faults on the whole machine (/proc/vmstat), to print per measurement:
+# memory the kernel hands a process for the first time costs a fault each
+# 4 kB page, which bench/README.md explains.
+faults() { awk '$1 == "pgfault" { print $2 }' /proc/vmstat; }
 
 # WAL and statement counters, to print per measurement.
 wal_mark() { sql -c "SELECT wal_records || ' ' || wal_bytes || ' ' || wal_sync FROM pg_stat_wal"; }
@@ -237,13 +249,15 @@ sampler_stop() {  # file, title
 run_pgbench() {
     local name=$1 file=$2
     shift 2
-    local out=$DIR/pgbench_$name.out rc=0 start end w0 w1
+    local out=$DIR/pgbench_$name.out rc=0 start end w0 w1 f0
     w0=$(wal_mark)
+    f0=$(faults)
     start=$(date +%s.%N)
     as_pg timeout --kill-after=10 "$PGBENCH_TIMEOUT" \
         "$PGBIN/pgbench" -n -P 5 -h "$DIR" -p "$PORT" -f "$file" "$@" postgres >"$out" 2>&1 || rc=$?
     end=$(date +%s.%N)
     w1=$(wal_mark)
+    FAULTS=$(( $(faults) - f0 ))
     WALL=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')
     TPS=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out")
     XACTS=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
@@ -282,7 +296,7 @@ per_task() {  # total, tasks -> "N B/task"
     awk -v t="$1" -v n="$2" 'BEGIN { if (n > 0) printf "%.0f", t / n; else printf "-" }'
 }
 wal_detail() {  # tasks
-    echo "WAL $(per_task "$WAL_BYTES" "$1") B/task, $(per_task "$WAL_RECORDS" "$1") records/task, $WAL_SYNCS WAL fsyncs"
+    echo "WAL $(per_task "$WAL_BYTES" "$1") B/task, $(per_task "$WAL_RECORDS" "$1") records/task, $WAL_SYNCS WAL fsyncs, $FAULTS page faults"
 }
 
 # --- machine and settings -----------------------------------------------------
@@ -319,35 +333,58 @@ else
     fail select1 "$FAIL_REASON"
 fi
 
-log "reference: single-row INSERT commit, 1 client, ${DURATION}s"
-settle
-if run_pgbench insert "$(script insert 'INSERT INTO bench_insert VALUES (1);')" -c 1 -T "$DURATION"; then
-    RATE[insert]=$(round "$TPS")
-    DETAIL[insert]="$XACTS commits in ${DURATION}s, latency $LAT ms, $(wal_detail "$XACTS")"
-else
-    fail insert "$FAIL_REASON"
-fi
-
-# --- 1. single enqueue --------------------------------------------------------
+# --- 1. single enqueue, between two baselines ----------------------------------
 
 # workers => 0: no in-database HTTP worker may pick these no-op tasks up.
 new_flow() { sql -c "SELECT name FROM beat.create_flow('$1', workers => 0)" >/dev/null; }
 
-log "1. single enqueue, 1 client, one task per transaction, ${DURATION}s"
-if new_flow bench_1 && sql -c "TRUNCATE beat.task" && settle; then
-    diag_reset
-    if run_pgbench enqueue "$(script enqueue "SELECT beat.enqueue('bench_1', '{\"n\":1}');")" -c 1 -T "$DURATION"; then
+# One client, one commit per transaction, so each figure is mostly the
+# disk's flush latency, and this disk's flush rate drifts by half within a
+# minute.  So the three run in turns, ROUNDS times ROUND_SECONDS each, and
+# the report gives each one's median and the median of the per-round
+# ratios.  The baselines: the cheapest durable commit (one integer into a
+# table without indexes), and the same row enqueue writes, INSERTed by
+# plain SQL into a copy of beat.task with its indexes and constraints.
+sql -c "CREATE TABLE bench_task (LIKE beat.task INCLUDING ALL)"
+f_insert=$(script insert 'INSERT INTO bench_insert VALUES (1);')
+f_task=$(script insert_task "INSERT INTO bench_task (flow, params, max_attempts, correlation_id) VALUES ('bench_1', '{\"n\":1}', 5, gen_random_uuid());")
+f_enqueue=$(script enqueue "SELECT beat.enqueue('bench_1', '{\"n\":1}');")
+declare -A RUNS1 XACTS1 WAL1
+RATIO_INSERT=() RATIO_TASK=()
+if new_flow bench_1 && sql -c "TRUNCATE beat.task"; then
+    for round in $(seq "$ROUNDS"); do
+        declare -A tps=()
+        for k in insert insert_task enqueue; do
+            log "1. single enqueue and its baselines, round $round of $ROUNDS: $k, ${ROUND_SECONDS}s"
+            settle
+            file=$f_enqueue
+            [ "$k" = insert ] && file=$f_insert
+            [ "$k" = insert_task ] && file=$f_task
+            if run_pgbench "$k" "$file" -c 1 -T "$ROUND_SECONDS"; then
+                tps[$k]=$TPS
+                RUNS1[$k]+="$(round "$TPS") "
+                XACTS1[$k]=$(( ${XACTS1[$k]:-0} + XACTS ))
+                WAL1[$k]="$(wal_detail "$XACTS")"
+            else
+                fail "$k" "$FAIL_REASON"
+                break 2
+            fi
+        done
+        RATIO_INSERT+=("$(awk -v a="${tps[enqueue]}" -v b="${tps[insert]}" 'BEGIN { printf "%.2f", a / b }')")
+        RATIO_TASK+=("$(awk -v a="${tps[enqueue]}" -v b="${tps[insert_task]}" 'BEGIN { printf "%.2f", a / b }')")
+    done
+    if [ "${#RATIO_INSERT[@]}" = "$ROUNDS" ]; then
         n=$(sql -c "SELECT count(*) FROM beat.task WHERE flow = 'bench_1' AND state = 'pending'")
-        if [ "$n" = "$XACTS" ]; then
-            RATE[enqueue]=$(round "$TPS")
-            DETAIL[enqueue]="$XACTS tasks in ${DURATION}s, latency $LAT ms, $(wal_detail "$XACTS")"
+        if [ "$n" = "${XACTS1[enqueue]}" ]; then
+            for k in insert insert_task enqueue; do
+                # shellcheck disable=SC2086
+                RATE[$k]=$(median ${RUNS1[$k]})
+                DETAIL[$k]="runs (per s): $(echo ${RUNS1[$k]} | sed 's/ /, /g'), median ${RATE[$k]}; last run: ${WAL1[$k]}"
+            done
         else
-            fail enqueue "pgbench committed $XACTS transactions but $n pending tasks are in bench_1"
+            fail enqueue "pgbench committed ${XACTS1[enqueue]} enqueues but $n pending tasks are in bench_1"
         fi
-    else
-        fail enqueue "$FAIL_REASON"
     fi
-    diag_report "1. single enqueue"
 else
     fail enqueue "could not create flow bench_1 / truncate beat.task"
 fi
@@ -493,7 +530,7 @@ row() {  # label key ref
     echo "- disk under the cluster: $DISK"
     echo "- $PG_VERSION"
     echo "- pg_beat $EXT_VERSION ($SO_INFO); repo $REPO at $REV; run $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "- pgbench: simple protocol, unix socket, ${DURATION}s timed runs"
+    echo "- pgbench: simple protocol, unix socket; SELECT 1 for ${DURATION}s, measurement 1 and its baselines $ROUNDS rounds of ${ROUND_SECONDS}s each"
     if [ -n "$FILLFACTOR" ]; then echo "- beat.task fillfactor $FILLFACTOR (BENCH_FILLFACTOR)"; fi
     echo "- load average (1/5/15 min) at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
@@ -515,16 +552,18 @@ row() {  # label key ref
     echo "| baseline | transactions/s |"
     echo "| --- | ---: |"
     echo "| SELECT 1 (round trip, no commit) | $(fmt_rate select1) |"
-    echo "| INSERT one row (fsync ceiling: one WAL flush per commit) | $(fmt_rate insert) |"
+    echo "| INSERT one integer into a table without indexes (the cheapest durable commit), median of $ROUNDS | $(fmt_rate insert) |"
+    echo "| INSERT the row enqueue writes into a copy of beat.task (LIKE ... INCLUDING ALL), median of $ROUNDS | $(fmt_rate insert_task) |"
     echo
-    if [ "${RATE[enqueue]:-FAILED}" != FAILED ] && [ "${RATE[insert]:-FAILED}" != FAILED ]; then
-        echo "Single enqueue / single-row INSERT = $(awk -v a="${RATE[enqueue]}" -v b="${RATE[insert]}" 'BEGIN { printf "%.2f", a / b }')" \
-             "(1.00 = enqueue costs no more than the cheapest durable commit)."
+    if [ "${#RATIO_INSERT[@]}" = "$ROUNDS" ]; then
+        echo "Single enqueue / cheapest commit, per round: ${RATIO_INSERT[*]}; median $(median "${RATIO_INSERT[@]}")."
+        echo "Single enqueue / the same row by plain INSERT, per round: ${RATIO_TASK[*]}; median $(median "${RATIO_TASK[@]}")" \
+             "(1.00 = the function costs nothing over the INSERT it makes)."
         echo
     fi
     echo "Details:"
     echo
-    for k in select1 insert enqueue enqueue_batch drain_one drain_batch; do
+    for k in select1 insert insert_task enqueue enqueue_batch drain_one drain_batch; do
         echo "- $k: ${DETAIL[$k]:-not run}"
     done
     if [ "$DIAG" = 1 ]; then
