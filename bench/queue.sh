@@ -256,8 +256,8 @@ run_pgbench() {
     as_pg timeout --kill-after=10 "$PGBENCH_TIMEOUT" \
         "$PGBIN/pgbench" -n -P 5 -h "$DIR" -p "$PORT" -f "$file" "$@" postgres >"$out" 2>&1 || rc=$?
     end=$(date +%s.%N)
-    w1=$(wal_mark)
     FAULTS=$(( $(faults) - f0 ))
+    w1=$(wal_mark)
     WALL=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')
     TPS=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out")
     XACTS=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
