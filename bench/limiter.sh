@@ -10,8 +10,14 @@
 #      ratio, and the CPU each transaction cost (backend and pgbench);
 #   3. Redis: the same stacked check (3 GCRA keys, all or nothing) as a Lua
 #      script, EVALSHA through redis-benchmark, 1 and 8 clients.
+#   4. With BENCH_PERF=1 only: one more run of each at 1 and at 8 clients
+#      under `perf record -a -g`, and where the backends' CPU went, in
+#      microseconds per call (inclusive): the limiter's check, printing
+#      the result, and the whole of each backend.  perf's own overhead is in
+#      these runs: read the rows against each other, not against 1-3.
 #
-# Run as root after `make install` (it installs redis-server if missing).
+# Run as root after `make install` (it installs redis-server if missing,
+# and linux-perf with BENCH_PERF=1).
 # Everything runs on this machine: a throwaway cluster on a unix socket and
 # a redis-server on 127.0.0.1; both are stopped at the end.
 set -uo pipefail
@@ -22,9 +28,13 @@ PGBIN=$("$PG_CONFIG" --bindir)
 require_plain_build "$("$PG_CONFIG" --pkglibdir)/pg_beat.so"
 PORT=${BENCH_PORT:-55434}
 SECONDS_EACH=${BENCH_SECONDS:-5}
+PERF=${BENCH_PERF:-0}
 
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
     apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
+fi
+if [ "$PERF" = 1 ] && ! command -v perf >/dev/null; then
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q linux-perf >/dev/null
 fi
 
 DIR=$(mktemp -d /tmp/pg_beat_limiter.XXXXXX)
@@ -149,3 +159,30 @@ for c in 1 8; do
 done
 echo
 echo "One check, one client: pg_beat's C path ${p50} ns (p50); the same check through Redis ${redis_p50_ns} ns per round trip: $(awk -v r="$redis_p50_ns" -v p="$p50" 'BEGIN {printf "%.0fx", r / p}') faster in shared memory."
+
+# 4. Where an acquire's CPU goes (BENCH_PERF=1)
+if [ "$PERF" = 1 ]; then
+    PERF_HZ=3999
+    echo
+    echo "Where the backends' CPU went (BENCH_PERF=1: perf record -a -g -F $PERF_HZ during one more ${SECONDS_EACH} s run of each; us per call, inclusive, from stack samples):"
+    echo
+    echo "| statement | clients | calls | limiter check (beat_limiter_apply) | printing the result (record_out) | of which the intervals (interval_out) | postgres processes in all |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for run in "acquire 1" "one 1" "acquire 8" "one 8"; do
+        read -r f c <<<"$run"
+        perf record -q -a -g -F "$PERF_HZ" -o "$DIR/perf.data" -- \
+            runuser -u postgres -- "$PGBIN/pgbench" -n -h "$DIR" -p "$PORT" -T "$SECONDS_EACH" -M prepared \
+            -c "$c" -j "$((c < 2 ? 1 : 2))" -f "$DIR/$f.sql" postgres >"$DIR/pgbench.out" 2>"$DIR/perf.err" \
+            || { echo "perf record failed:"; tail -3 "$DIR/perf.err"; exit 1; }
+        calls=$(awk '/actually processed/ {n = $NF; sub(/\/.*/, "", n); print n}' "$DIR/pgbench.out")
+        # one line per sample of a postgres process: its frames, joined
+        perf script -i "$DIR/perf.data" -F comm,ip,sym --comm postgres 2>/dev/null |
+            awk -v hz="$PERF_HZ" -v n="$calls" -v c="$c" -v f="$f" '
+                function flush() { if (inside) { all++; if (s ~ / beat_limiter_apply /) lim++;
+                                   if (s ~ / record_out /) rec++; if (s ~ / interval_out /) itv++ } }
+                /^postgres/ { flush(); inside = 1; s = " "; next }
+                NF >= 2 { s = s $2 " " }
+                END { flush(); us = 1e6 / hz / n;
+                      printf "| %s | %d | %d | %.2f | %.2f | %.2f | %.2f |\n", f == "one" ? "SELECT 1" : "SELECT beat.acquire(3 keys)", c, n, lim * us, rec * us, itv * us, all * us }'
+    done
+fi
