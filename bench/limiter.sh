@@ -175,14 +175,14 @@ if [ "$PERF" = 1 ]; then
             -c "$c" -j "$((c < 2 ? 1 : 2))" -f "$DIR/$f.sql" postgres >"$DIR/pgbench.out" 2>"$DIR/perf.err" \
             || { echo "perf record failed:"; tail -3 "$DIR/perf.err"; exit 1; }
         calls=$(awk '/actually processed/ {n = $NF; sub(/\/.*/, "", n); print n}' "$DIR/pgbench.out")
-        # one line per sample of a postgres process: its frames, joined
-        perf script -i "$DIR/perf.data" -F comm,ip,sym --comm postgres 2>/dev/null |
-            awk -v hz="$PERF_HZ" -v n="$calls" -v c="$c" -v f="$f" '
-                function flush() { if (inside) { all++; if (s ~ / beat_limiter_apply /) lim++;
-                                   if (s ~ / record_out /) rec++; if (s ~ / interval_out /) itv++ } }
-                /^postgres/ { flush(); inside = 1; s = " "; next }
+        # each sample of a postgres process: its period (ns of CPU) and its frames
+        perf script -i "$DIR/perf.data" -F comm,period,ip,sym --comm postgres 2>/dev/null |
+            awk -v n="$calls" -v c="$c" -v f="$f" '
+                function flush() { if (inside) { all += p; if (s ~ / beat_limiter_apply /) lim += p;
+                                   if (s ~ / record_out /) rec += p; if (s ~ / interval_out /) itv += p } }
+                /^postgres/ { flush(); inside = 1; p = $2; s = " "; next }
                 NF >= 2 { s = s $2 " " }
-                END { flush(); us = 1e6 / hz / n;
+                END { flush(); us = 1e-3 / n;
                       printf "| %s | %d | %d | %.2f | %.2f | %.2f | %.2f |\n", f == "one" ? "SELECT 1" : "SELECT beat.acquire(3 keys)", c, n, lim * us, rec * us, itv * us, all * us }'
     done
 fi
