@@ -161,28 +161,37 @@ echo
 echo "One check, one client: pg_beat's C path ${p50} ns (p50); the same check through Redis ${redis_p50_ns} ns per round trip: $(awk -v r="$redis_p50_ns" -v p="$p50" 'BEGIN {printf "%.0fx", r / p}') faster in shared memory."
 
 # 4. Where an acquire's CPU goes (BENCH_PERF=1)
+# perf's samples say which share of the backends' CPU went where; the CPU
+# itself comes from the kernel's accounting of the exited backends, as in
+# 2 (perf changes its sampling rate under load, so counting samples, or
+# summing their periods, gives no reliable time on this machine).
 if [ "$PERF" = 1 ]; then
     PERF_HZ=3999
     echo
-    echo "Where the backends' CPU went (BENCH_PERF=1: perf record -a -g -F $PERF_HZ during one more ${SECONDS_EACH} s run of each; us per call, inclusive, from stack samples):"
+    echo "Where the backends' CPU went (BENCH_PERF=1: one more ${SECONDS_EACH} s run of each under perf record -a -g -F $PERF_HZ; the backends' CPU per call from the kernel, its shares from perf's stack samples, inclusive):"
     echo
-    echo "| statement | clients | calls | limiter check (beat_limiter_apply) | printing the result (record_out) | of which the intervals (interval_out) | postgres processes in all |"
+    echo "| statement | clients | calls | backend CPU per call | limiter check (beat_limiter_apply) | printing the result (record_out) | of which the intervals (interval_out) |"
     echo "|---|---:|---:|---:|---:|---:|---:|"
     for run in "acquire 1" "one 1" "acquire 8" "one 8"; do
         read -r f c <<<"$run"
+        before=$(reaped)
         perf record -q -a -g -F "$PERF_HZ" -o "$DIR/perf.data" -- \
             runuser -u postgres -- "$PGBIN/pgbench" -n -h "$DIR" -p "$PORT" -T "$SECONDS_EACH" -M prepared \
             -c "$c" -j "$((c < 2 ? 1 : 2))" -f "$DIR/$f.sql" postgres >"$DIR/pgbench.out" 2>"$DIR/perf.err" \
             || { echo "perf record failed:"; tail -3 "$DIR/perf.err"; exit 1; }
+        sleep 0.3
+        after=$(reaped)
         calls=$(awk '/actually processed/ {n = $NF; sub(/\/.*/, "", n); print n}' "$DIR/pgbench.out")
-        # each sample of a postgres process: its period (ns of CPU) and its frames
-        perf script -i "$DIR/perf.data" -F comm,period,ip,sym --comm postgres 2>/dev/null |
-            awk -v n="$calls" -v c="$c" -v f="$f" '
-                function flush() { if (inside) { all += p; if (s ~ / beat_limiter_apply /) lim += p;
-                                   if (s ~ / record_out /) rec += p; if (s ~ / interval_out /) itv += p } }
-                /^postgres/ { flush(); inside = 1; p = $2; s = " "; next }
+        # each sample of a postgres process: its frames, joined
+        perf script -i "$DIR/perf.data" -F comm,ip,sym --comm postgres 2>/dev/null |
+            awk -v n="$calls" -v c="$c" -v f="$f" -v cpu="$(( after - before ))" -v tick="$TICK" '
+                function flush() { if (inside) { all++; if (s ~ / beat_limiter_apply /) lim++;
+                                   if (s ~ / record_out /) rec++; if (s ~ / interval_out /) itv++ } }
+                /^postgres/ { flush(); inside = 1; s = " "; next }
                 NF >= 2 { s = s $2 " " }
-                END { flush(); us = 1e-3 / n;
-                      printf "| %s | %d | %d | %.2f | %.2f | %.2f | %.2f |\n", f == "one" ? "SELECT 1" : "SELECT beat.acquire(3 keys)", c, n, lim * us, rec * us, itv * us, all * us }'
+                END { flush(); us = 1e6 * cpu / tick / n; if (all == 0) all = 1;
+                      printf "| %s | %d | %d | %.1f us | %.2f us (%.1f%%) | %.2f us (%.1f%%) | %.2f us |\n",
+                             f == "one" ? "SELECT 1" : "SELECT beat.acquire(3 keys)", c, n, us,
+                             us * lim / all, 100 * lim / all, us * rec / all, 100 * rec / all, us * itv / all }'
     done
 fi
