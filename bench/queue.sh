@@ -352,6 +352,7 @@ f_enqueue=$(script enqueue "SELECT beat.enqueue('bench_1', '{\"n\":1}');")
 declare -A RUNS1 XACTS1 WAL1
 RATIO_INSERT=() RATIO_TASK=()
 if new_flow bench_1 && sql -c "TRUNCATE beat.task"; then
+    diag_reset
     for round in $(seq "$ROUNDS"); do
         declare -A tps=()
         for k in insert insert_task enqueue; do
@@ -373,6 +374,7 @@ if new_flow bench_1 && sql -c "TRUNCATE beat.task"; then
         RATIO_INSERT+=("$(awk -v a="${tps[enqueue]}" -v b="${tps[insert]}" 'BEGIN { printf "%.2f", a / b }')")
         RATIO_TASK+=("$(awk -v a="${tps[enqueue]}" -v b="${tps[insert_task]}" 'BEGIN { printf "%.2f", a / b }')")
     done
+    diag_report "1. single enqueue and its two baselines"
     if [ "${#RATIO_INSERT[@]}" = "$ROUNDS" ]; then
         n=$(sql -c "SELECT count(*) FROM beat.task WHERE flow = 'bench_1' AND state = 'pending'")
         if [ "$n" = "${XACTS1[enqueue]}" ]; then
