@@ -18,6 +18,9 @@
 #   BENCH_ROUND_SECONDS  seconds of each run in those rounds  (4)
 #   BENCH_SHARED_BUFFERS  the server's shared_buffers  (128MB, PostgreSQL's
 #                    default; see bench/README.md for why not more)
+#   BENCH_SYNCHRONOUS_COMMIT  on (the default durability), or off for a
+#                    diagnosis: with no wait for the disk, measurement 1
+#                    and its baselines show what each costs in CPU
 #   BENCH_TIMEOUT    hard limit per pgbench run (150 s)
 #   BENCH_DIAG=1     also load pg_stat_statements (track = all) and sample
 #                    wait events during the drains; prints a diagnostics
@@ -37,6 +40,7 @@ DURATION=${BENCH_DURATION:-10}
 ROUNDS=${BENCH_ROUNDS:-5}
 ROUND_SECONDS=${BENCH_ROUND_SECONDS:-4}
 SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-128MB}
+SYNC_COMMIT=${BENCH_SYNCHRONOUS_COMMIT:-on}
 PGBENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
 DIAG=${BENCH_DIAG:-0}
 KEEP=${BENCH_KEEP:-0}
@@ -139,7 +143,7 @@ max_wal_size = 4GB
 max_connections = 30
 # default durability, stated explicitly
 fsync = on
-synchronous_commit = on
+synchronous_commit = $SYNC_COMMIT
 full_page_writes = on
 EOF
 if [ "$DIAG" = 1 ]; then
@@ -534,6 +538,7 @@ row() {  # label key ref
     echo "- pg_beat $EXT_VERSION ($SO_INFO); repo $REPO at $REV; run $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- pgbench: simple protocol, unix socket; SELECT 1 for ${DURATION}s, measurement 1 and its baselines $ROUNDS rounds of ${ROUND_SECONDS}s each"
     if [ -n "$FILLFACTOR" ]; then echo "- beat.task fillfactor $FILLFACTOR (BENCH_FILLFACTOR)"; fi
+    if [ "$SYNC_COMMIT" != on ]; then echo "- **synchronous_commit = $SYNC_COMMIT (BENCH_SYNCHRONOUS_COMMIT), a diagnosis: not the default durability the references were measured with**"; fi
     echo "- load average (1/5/15 min) at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     echo "Settings:"
