@@ -64,6 +64,7 @@
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "pg_beat.h"
@@ -276,9 +277,36 @@ write_limits_file(const LimitBucket *snap, int32 count)
 }
 
 /*
- * Copy the quota buckets into snap (room for max_keys).  The caller holds
- * every partition spinlock.  With exact, the copies carry their counts as
- * marks, and the marks in memory come down to the counts too.
+ * Take every partition spinlock with *snap (palloc'd here, huge if need
+ * be) big enough for a copy of every bucket.  The table can hold more than
+ * max_keys: two backends in different partitions may both take the last
+ * free key, and the quota file loads whatever it holds.  So the buffer is
+ * sized by the count under the locks, allocated without them.
+ */
+static void
+lock_all_with_room(LimitBucket **snap)
+{
+	long		room = 0;
+
+	*snap = NULL;
+	for (;;)
+	{
+		lock_all();
+		if (*snap != NULL && hash_get_num_entries(buckets) <= room)
+			return;
+		room = hash_get_num_entries(buckets) + 64;
+		unlock_all();
+		if (*snap != NULL)
+			pfree(*snap);
+		*snap = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(LimitBucket) * room);
+	}
+}
+
+/*
+ * Copy the quota buckets into snap (room for every bucket: see
+ * lock_all_with_room, which the caller used).  With exact, the copies
+ * carry their counts as marks, and the marks in memory come down to the
+ * counts too.
  */
 static int32
 snapshot_quotas(LimitBucket *snap, bool exact)
@@ -314,14 +342,13 @@ beat_limiter_save(void)
 
 	if (limiter == NULL)
 		return;
-	snap = palloc(sizeof(LimitBucket) * limiter->max_keys);
 
 	/*
 	 * Hold file_lock until the file is written: an acquire that needs a
 	 * mark above the counts we write waits for it, then raises it again.
 	 */
 	LWLockAcquire(limiter->file_lock, LW_EXCLUSIVE);
-	lock_all();
+	lock_all_with_room(&snap);
 	n = snapshot_quotas(snap, true);
 	unlock_all();
 	PG_TRY();
@@ -464,7 +491,10 @@ find_def(const char *key)
 
 /*
  * Reload the definitions if a committed change made them stale.  Needs a
- * transaction (it reads beat.rate_limit through SPI).
+ * transaction (it reads beat.rate_limit through SPI), and reads with the
+ * latest snapshot, not the transaction's: under REPEATABLE READ the
+ * transaction's would miss the change whose generation it has just read,
+ * and keep the old definitions under the new generation.
  */
 void
 beat_limiter_refresh(void)
@@ -484,7 +514,9 @@ beat_limiter_refresh(void)
 				 " burst, coalesce(quota_window, ''), time_zone, created_at"
 				 " FROM beat.rate_limit ORDER BY name",
 				 0, NULL);
-	beat_execute(plan_defs, NULL, NULL, SPI_OK_SELECT);
+	if (SPI_execute_snapshot(plan_defs, NULL, NULL, GetLatestSnapshot(),
+							 InvalidSnapshot, true, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "pg_beat: could not read beat.rate_limit");
 	n = (int) SPI_processed;
 	fresh = MemoryContextAllocZero(TopMemoryContext, sizeof(LimitDef) * Max(n, 1));
 	for (int i = 0; i < n; i++)
@@ -550,7 +582,8 @@ ceil_div(int128 a, int64 b)
  * units it owes, paid at the new rate; a quota keeps its count); a quota
  * in a new window starts at zero.  Runs under a spinlock: a quota that
  * needs its window for now gets it in window ([start, end)); without one,
- * it returns false and the caller computes it with the lock released.
+ * or with one that does not hold now, it returns false and the caller
+ * computes it with the lock released.
  */
 static bool
 bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh,
@@ -593,7 +626,8 @@ bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh,
 	if (b->kind == LIMIT_QUOTA && (b->window != d->window || now >= b->window_end ||
 								   now < b->window_start))
 	{
-		if (window == NULL)
+		/* a window computed at an earlier pass may be over by now */
+		if (window == NULL || now < window[0] || now >= window[1])
 			return false;
 		if (window[0] != b->window_start || b->window != d->window)
 		{
@@ -727,16 +761,19 @@ make_room(int need, int64 now)
 		/* drop up to a tenth of the table, so this stays rare */
 		long		goal = Max(need - room, limiter->max_keys / 10);
 
+		/* a scan that runs to its end ends itself; one we stop, we end */
 		hash_seq_init(&seq, buckets);
-		while (goal > 0 && (b = hash_seq_search(&seq)) != NULL)
+		while ((b = hash_seq_search(&seq)) != NULL)
 		{
 			if (!bucket_idle(b, now))
 				continue;
 			hash_search(buckets, b->key, HASH_REMOVE, NULL);
-			goal--;
+			if (--goal == 0)
+			{
+				hash_seq_term(&seq);
+				break;
+			}
 		}
-		if (goal > 0)
-			hash_seq_term(&seq);
 		room = limiter->max_keys - hash_get_num_entries(buckets);
 	}
 	ok = room >= need;
@@ -752,11 +789,11 @@ make_room(int need, int64 now)
 static void
 raise_marks(int64 cost)
 {
-	LimitBucket *snap = palloc(sizeof(LimitBucket) * limiter->max_keys);
+	LimitBucket *snap;
 	int32		n;
 
 	LWLockAcquire(limiter->file_lock, LW_EXCLUSIVE);
-	lock_all();
+	lock_all_with_room(&snap);
 	n = snapshot_quotas(snap, false);
 	unlock_all();
 
@@ -772,24 +809,29 @@ raise_marks(int64 cost)
 	PG_TRY();
 	{
 		write_limits_file(snap, n);
+
+		/*
+		 * Durable now: let memory use them (unless a window has rolled over
+		 * or the limit was made anew), before file_lock goes, so that no
+		 * other writer's file can hold lower marks than memory then has.
+		 */
+		lock_all();
+		for (int i = 0; i < n; i++)
+		{
+			LimitBucket *b = hash_search(buckets, snap[i].key, HASH_FIND, NULL);
+
+			if (b && b->kind == LIMIT_QUOTA && b->window_start == snap[i].window_start &&
+				b->limit_created == snap[i].limit_created &&
+				b->durable_mark < snap[i].durable_mark)
+				b->durable_mark = snap[i].durable_mark;
+		}
+		unlock_all();
 	}
 	PG_FINALLY();
 	{
 		LWLockRelease(limiter->file_lock);
 	}
 	PG_END_TRY();
-
-	/* durable now: let memory use them (unless a window has rolled over) */
-	lock_all();
-	for (int i = 0; i < n; i++)
-	{
-		LimitBucket *b = hash_search(buckets, snap[i].key, HASH_FIND, NULL);
-
-		if (b && b->kind == LIMIT_QUOTA && b->window_start == snap[i].window_start &&
-			b->durable_mark < snap[i].durable_mark)
-			b->durable_mark = snap[i].durable_mark;
-	}
-	unlock_all();
 	pfree(snap);
 }
 
@@ -867,17 +909,25 @@ key_def(const char *key, int64 cost, BeatLimiterMode mode, char **error)
  * The same, but when error is not NULL, a key no limit matches, a cost
  * too high or a full table is reported in *error (palloc'd, and refused)
  * instead of raised: the workers fail that one task and go on.
+ *
+ * A key given twice counts once: the call passes each bucket once (two
+ * templates of a flow may fill in to the same key).  The time is read
+ * under the partition locks, on every pass: a caller whose time was read
+ * before another's, which then moved a quota into its next window, would
+ * otherwise take the bucket back to the window before.
  */
 BeatAcquireResult
-beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode mode,
+beat_limiter_try(const char *const *given, int ngiven, int64 cost, BeatLimiterMode mode,
 				 char **error)
 {
 	BeatAcquireResult result;
+	const char *keys[BEAT_MAX_STACKED_KEYS];
+	int			nkeys = 0;
 	const LimitDef *kdefs[BEAT_MAX_STACKED_KEYS];
 	uint32		hashes[BEAT_MAX_STACKED_KEYS];
 	int			parts[BEAT_MAX_STACKED_KEYS];
 	int			nparts;
-	int64		now = limiter_now();
+	int64		now;
 	int64		windows[BEAT_MAX_STACKED_KEYS][2];
 	bool		have_window[BEAT_MAX_STACKED_KEYS] = {false};
 
@@ -886,10 +936,19 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 	result.remaining = PG_INT64_MAX;
 	if (error)
 		*error = NULL;
-	if (nkeys > BEAT_MAX_STACKED_KEYS)
+	if (ngiven > BEAT_MAX_STACKED_KEYS)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("at most %d keys can be acquired together", BEAT_MAX_STACKED_KEYS)));
+	for (int i = 0; i < ngiven; i++)
+	{
+		bool		seen = false;
+
+		for (int j = 0; j < nkeys && !seen; j++)
+			seen = strcmp(keys[j], given[i]) == 0;
+		if (!seen)
+			keys[nkeys++] = given[i];
+	}
 
 	for (int i = 0; i < nkeys; i++)
 	{
@@ -928,6 +987,7 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 
 		for (int i = 0; i < nparts; i++)
 			SpinLockAcquire(&limiter->locks[parts[i]].lock);
+		now = limiter_now();
 
 		for (int i = 0; i < nkeys && !full && need_window < 0; i++)
 		{
@@ -990,7 +1050,16 @@ beat_limiter_try(const char *const *keys, int nkeys, int64 cost, BeatLimiterMode
 				for (int i = 0; i < nkeys; i++)
 					bucket_charge(b[i], cost, now);
 			if (!result.allowed)
+			{
 				result.blocking_key = keys[result.blocking];
+				/* as an index into what the caller gave */
+				for (int g = 0; g < ngiven; g++)
+					if (given[g] == result.blocking_key)
+					{
+						result.blocking = g;
+						break;
+					}
+			}
 		}
 
 		for (int i = nparts - 1; i >= 0; i--)
@@ -1295,14 +1364,14 @@ beat_limiter_status_rows(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	HASH_SEQ_STATUS seq;
 	LimitBucket *b;
-	LimitBucket *snap = palloc(sizeof(LimitBucket) * limiter->max_keys);
+	LimitBucket *snap;
 	int			n = 0;
 	int64		now = limiter_now();
 
 	InitMaterializedSRF(fcinfo, 0);
 
 	/* copy under the spinlocks, format without them */
-	lock_all();
+	lock_all_with_room(&snap);
 	hash_seq_init(&seq, buckets);
 	while ((b = hash_seq_search(&seq)) != NULL)
 		memcpy(&snap[n++], b, sizeof(LimitBucket));

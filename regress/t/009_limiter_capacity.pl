@@ -1,0 +1,101 @@
+# The limiter when its shared table is full (beat.limiter_max_keys):
+# - a new key drops an idle one, and the call leaves no scan open behind it;
+# - with none idle, the call fails with an error naming the setting, and
+#   every other key still answers at once (no spinlock left held);
+# - a key given twice in one call is charged once.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(usleep);
+
+my $node = PostgreSQL::Test::Cluster->new('capacity');
+$node->init;
+$node->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'pg_beat'
+beat.limiter_max_keys = 16
+});
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION pg_beat');
+
+# idle a millisecond after a charge: 1,000 a second, no burst
+$node->safe_psql('postgres', q{
+SELECT (beat.set_limit('fast:{{x}}', 1000, per => '1 second')).name;
+SELECT (beat.set_limit('quota:{{x}}', 10, quota => 'day')).name;
+});
+
+sub live_keys
+{
+	return $node->safe_psql('postgres', 'SELECT count(*) FROM beat.limiter_status');
+}
+
+# --- a full table of idle keys: a new key drops one --------------------------
+
+$node->safe_psql('postgres', q{
+SELECT count(*) FROM generate_series(1, 16) g,
+    LATERAL beat.acquire(ARRAY['fast:' || g]) a WHERE a.allowed;
+});
+is(live_keys(), '16', 'sixteen keys fill the table');
+usleep(20_000);
+
+my ($ret, $out, $err) = $node->psql('postgres',
+	q{SELECT allowed FROM beat.acquire('{fast:new}')}, on_error_stop => 1);
+is($ret, 0, 'with every key idle, a new key is admitted');
+is($out, 't', 'the new key is charged');
+unlike($err, qr/leaked hash_seq_search scan/, 'and leaves no table scan open');
+is($err, '', 'without a warning');
+cmp_ok(live_keys(), '<=', 16, 'the table stays within beat.limiter_max_keys');
+
+# many more, each in its own transaction, one after another
+($ret, $out, $err) = $node->psql('postgres', q{
+DO $$
+BEGIN
+    FOR g IN 1 .. 200 LOOP
+        PERFORM pg_sleep(0.002);
+        PERFORM beat.acquire(ARRAY['fast:more' || g]);
+    END LOOP;
+END
+$$;
+}, on_error_stop => 1);
+is($ret, 0, '200 new keys in one transaction, each dropping an idle one');
+is($err, '', 'and no scan is left open');
+
+# --- a full table of busy keys: an error, and nothing stuck -------------------
+
+# quota keys charged today are not idle until the day ends
+$node->safe_psql('postgres', q{
+SELECT count(*) FROM generate_series(1, 16) g,
+    LATERAL beat.acquire(ARRAY['quota:' || g]) a WHERE a.allowed;
+});
+is($node->safe_psql('postgres',
+	q{SELECT count(*) FROM beat.limiter_status WHERE key LIKE 'quota:%'}),
+	'16', 'sixteen busy quota keys fill the table');
+
+($ret, $out, $err) = $node->psql('postgres',
+	q{SELECT allowed FROM beat.acquire('{quota:17}')});
+isnt($ret, 0, 'with no key idle, a new key is refused with an error');
+like($err, qr/too many rate limit keys are in use/, 'which says why');
+like($err, qr/beat\.limiter_max_keys/, 'and names the setting');
+
+# The refusal ran the idle scan to its end under every partition lock: the
+# locks are free again if another key answers at once.
+($ret, $out, $err) = $node->psql('postgres',
+	q{SELECT allowed FROM beat.acquire('{quota:1}')}, timeout => 20);
+is($ret, 0, 'an existing key still answers after the refusal');
+is($out, 't', 'and is admitted');
+is($node->safe_psql('postgres',
+	q{SELECT remaining FROM beat.peek('{quota:1}')}), '7',
+	'charged once more (10 - 2, and 1 more after this peek)');
+
+# --- a key given twice counts once -------------------------------------------
+
+is($node->safe_psql('postgres',
+	q{SELECT allowed FROM beat.acquire('{quota:2, quota:2}')}), 't',
+	'a key given twice is admitted');
+is($node->safe_psql('postgres',
+	q{SELECT remaining FROM beat.peek('{quota:2}')}), '7',
+	'and charged once (10 - 2, and 1 more after this peek)');
+
+$node->stop;
+done_testing();
