@@ -227,6 +227,23 @@ load_limits_file(void)
 
 		if (fread(&b, sizeof(b), 1, f) != 1)
 			break;
+		/* only what this code writes: a damaged entry must not crash a check */
+		if (memchr(b.key, '\0', BEAT_KEY_MAX) == NULL ||
+			memchr(b.limit_name, '\0', BEAT_KEY_MAX) == NULL ||
+			b.kind != LIMIT_QUOTA || b.limit <= 0 ||
+			b.window < WINDOW_HOUR || b.window > WINDOW_MONTH ||
+			b.window_end <= b.window_start || b.durable_mark < 0)
+		{
+			ereport(LOG, (errmsg("pg_beat: ignoring a damaged entry of \"%s\"", LIMITS_FILE)));
+			continue;
+		}
+		if (hash_get_num_entries(buckets) >= limiter->max_keys)
+		{
+			ereport(LOG,
+					(errmsg("pg_beat: \"%s\" holds more quota keys than beat.limiter_max_keys (%d); the rest start afresh",
+							LIMITS_FILE, limiter->max_keys)));
+			break;
+		}
 		e = hash_search(buckets, b.key, HASH_ENTER_NULL, &found);
 		if (e == NULL)
 			break;
@@ -672,7 +689,8 @@ bucket_decide(const LimitBucket *b, int64 cost, int64 now)
 	else
 	{
 		r.allowed = b->used + cost <= b->limit;
-		r.remaining = b->limit - b->used - (r.allowed ? cost : 0);
+		/* a limit lowered below what was used leaves nothing, not less */
+		r.remaining = Max(b->limit - b->used - (r.allowed ? cost : 0), 0);
 		r.reset_us = b->window_end - now;
 		if (!r.allowed)
 			r.retry_us = b->window_end - now;

@@ -214,6 +214,17 @@ SELECT pg_temp.err($$SELECT beat.alter_flow('limited', limits => ARRAY['a', NULL
 SELECT pg_temp.err($$SELECT beat.alter_flow('limited', limits => ARRAY[''])$$);
 SELECT pg_temp.err($$SELECT beat.alter_flow('limited', limits => (SELECT array_agg('k' || g) FROM generate_series(1, 17) g))$$);
 
+-- A quota lowered below what it has used leaves nothing (not less).
+SELECT (beat.set_limit('q:lowered', 5, quota => 'day')).name;
+SELECT allowed FROM beat.acquire('{q:lowered}', 3);
+SELECT (beat.set_limit('q:lowered', 2, quota => 'day')).name;
+SELECT allowed, remaining FROM beat.peek('{q:lowered}');
+
+-- A key given twice counts once.
+SELECT (beat.set_limit('q:twice', 3, quota => 'day')).name;
+SELECT allowed FROM beat.acquire('{q:twice, q:twice}');
+SELECT allowed, remaining FROM beat.peek('{q:twice}');
+
 -- Dropping a limit leaves its keys unknown.
 SELECT beat.drop_limit('r:change');
 SELECT pg_temp.err($$SELECT beat.acquire('{r:change}')$$);
