@@ -81,6 +81,9 @@ PG_FUNCTION_INFO_V1(beat_set_limit);
 PG_FUNCTION_INFO_V1(beat_drop_limit);
 
 #define LIMITER_PARTITIONS	16
+#define LIMIT_MAX_PERIOD_YEARS	10	/* beat.set_limit's longest per, */
+#define LIMIT_MAX_PERIOD_DAYS	3653	/* in days */
+#define LIMIT_MAX_BURST		INT64CONST(1000000000000000)	/* 10^15 */
 #define LIMITS_FILE			"pg_stat/pg_beat_limits.state"
 #define LIMITS_FILE_MAGIC	0x42454154	/* "BEAT" */
 #define LIMITS_FILE_VERSION	2
@@ -586,11 +589,13 @@ quota_window(const LimitDef *d, int64 t, int64 *start, int64 *end)
 												   zone));
 }
 
-/* Ceiling of a / b for a >= 0, b > 0. */
+/* Ceiling of a / b for a >= 0, b > 0; past what 64 bits hold, the most. */
 static int64
 ceil_div(int128 a, int64 b)
 {
-	return (int64) ((a + b - 1) / b);
+	int128		q = (a + b - 1) / b;
+
+	return q > PG_INT64_MAX ? PG_INT64_MAX : (int64) q;
 }
 
 /*
@@ -1559,7 +1564,18 @@ beat_set_limit(PG_FUNCTION_ARGS)
 				 errhint("For example beat.set_limit('api:minute', 60, per => '1 minute') or beat.set_limit('api:day', 20000, quota => 'day').")));
 	is_quota = !PG_ARGISNULL(4);
 	if (!is_quota)
-		beat_check_interval(PG_GETARG_INTERVAL_P(2), "per", false);
+	{
+		Interval   *per = PG_GETARG_INTERVAL_P(2);
+
+		beat_check_interval(per, "per", false);
+		/* the limiter counts in microseconds, in 64 bits: keep far from the edge */
+		if ((int128) per->month * DAYS_PER_MONTH * USECS_PER_DAY +
+			(int128) per->day * USECS_PER_DAY + per->time >
+			(int128) LIMIT_MAX_PERIOD_DAYS * USECS_PER_DAY)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("per must be at most %d years", LIMIT_MAX_PERIOD_YEARS)));
+	}
 	else
 	{
 		char	   *window = text_to_cstring(PG_GETARG_TEXT_PP(4));
@@ -1574,6 +1590,10 @@ beat_set_limit(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("burst must be zero or positive")));
+	if (!PG_ARGISNULL(3) && PG_GETARG_INT64(3) > LIMIT_MAX_BURST)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("burst must be at most " INT64_FORMAT, (int64) LIMIT_MAX_BURST)));
 	if (is_quota && !PG_ARGISNULL(3) && PG_GETARG_INT64(3) != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
