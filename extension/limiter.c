@@ -1129,6 +1129,12 @@ beat_limiter_try(const char *const *given, int ngiven, int64 cost, BeatLimiterMo
 static void
 limiter_xact_callback(XactEvent event, void *arg)
 {
+	/* COMMIT PREPARED runs no callback of ours: it could tell no one */
+	if (event == XACT_EVENT_PRE_PREPARE && limits_changed)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot PREPARE a transaction that changed rate limits"),
+				 errdetail("Other sessions learn of a change to beat.rate_limit when the transaction that made it commits.")));
 	if (event == XACT_EVENT_COMMIT && limits_changed && limiter != NULL)
 		pg_atomic_fetch_add_u32(&limiter->defs_generation, 1);
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||

@@ -220,6 +220,13 @@ SELECT pg_temp.err($$SELECT beat.alter_flow('limited', limits => ARRAY['a', NULL
 SELECT pg_temp.err($$SELECT beat.alter_flow('limited', limits => ARRAY[''])$$);
 SELECT pg_temp.err($$SELECT beat.alter_flow('limited', limits => (SELECT array_agg('k' || g) FROM generate_series(1, 17) g))$$);
 
+-- A change to the limits cannot be PREPAREd (COMMIT PREPARED could not
+-- tell the other sessions).
+BEGIN;
+SELECT (beat.set_limit('q:prepared', 1, quota => 'day')).name;
+PREPARE TRANSACTION 'beat_limits';
+SELECT count(*) FROM beat.rate_limit WHERE name = 'q:prepared';
+
 -- A quota lowered below what it has used leaves nothing (not less).
 SELECT (beat.set_limit('q:lowered', 5, quota => 'day')).name;
 SELECT allowed FROM beat.acquire('{q:lowered}', 3);
