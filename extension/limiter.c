@@ -1050,7 +1050,7 @@ beat_limiter_try(const char *const *given, int ngiven, int64 cost, BeatLimiterMo
 				if (!d.allowed && (result.allowed || d.retry_us > result.retry_us))
 				{
 					result.retry_us = d.retry_us;
-					result.blocking = i;
+					result.blocking_key = keys[i];
 				}
 				if (!d.allowed)
 					result.allowed = false;
@@ -1068,21 +1068,11 @@ beat_limiter_try(const char *const *given, int ngiven, int64 cost, BeatLimiterMo
 				for (int i = 0; i < nkeys; i++)
 					bucket_refund(b[i], cost, now);
 				result.allowed = true;
+				result.blocking_key = NULL;
 			}
 			else if (result.allowed && mode == BEAT_CHARGE && !need_mark)
 				for (int i = 0; i < nkeys; i++)
 					bucket_charge(b[i], cost, now);
-			if (!result.allowed)
-			{
-				result.blocking_key = keys[result.blocking];
-				/* as an index into what the caller gave */
-				for (int g = 0; g < ngiven; g++)
-					if (given[g] == result.blocking_key)
-					{
-						result.blocking = g;
-						break;
-					}
-			}
 		}
 
 		for (int i = nparts - 1; i >= 0; i--)

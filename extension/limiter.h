@@ -27,8 +27,7 @@ typedef struct BeatAcquireResult
 	int64		retry_us;		/* refused: a wait after which it is admitted */
 	int64		remaining;		/* least units any key admits right after */
 	int64		reset_us;		/* until every key is whole again */
-	int			blocking;		/* refused: index of the key that refused longest */
-	const char *blocking_key;
+	const char *blocking_key;	/* refused: the key that refused longest */
 } BeatAcquireResult;
 
 extern int	beat_limiter_max_keys;
