@@ -121,16 +121,10 @@ check_flow_settings(FunctionCallInfo fcinfo)
 		beat_check_range(PG_GETARG_INT32(8), 1, 1024, "concurrency");
 	if (ARG_GIVEN(11))
 	{
-		Interval	hour;
+		Interval	hour = {.time = USECS_PER_HOUR};
 
 		beat_check_interval(PG_GETARG_INTERVAL_P(11), "timeout", false);
-		memset(&hour, 0, sizeof(hour));
-		hour.time = USECS_PER_HOUR;
-		if (DatumGetInt32(DirectFunctionCall2(interval_cmp, PG_GETARG_DATUM(11),
-											  IntervalPGetDatum(&hour))) > 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("timeout must be at most 1 hour")));
+		beat_check_interval_max(PG_GETARG_INTERVAL_P(11), &hour, "timeout", "1 hour");
 	}
 	if (ARG_GIVEN(14))
 		beat_check_range(PG_GETARG_INT32(14), 0, 50, "max_redirects");

@@ -81,8 +81,7 @@ PG_FUNCTION_INFO_V1(beat_set_limit);
 PG_FUNCTION_INFO_V1(beat_drop_limit);
 
 #define LIMITER_PARTITIONS	16
-#define LIMIT_MAX_PERIOD_YEARS	10	/* beat.set_limit's longest per, */
-#define LIMIT_MAX_PERIOD_DAYS	3653	/* in days */
+#define LIMIT_MAX_PERIOD_DAYS	3653	/* beat.set_limit's longest per: 10 years */
 #define LIMIT_MAX_BURST		INT64CONST(1000000000000000)	/* 10^15 */
 #define LIMITS_FILE			"pg_stat/pg_beat_limits.state"
 #define LIMITS_FILE_MAGIC	0x42454154	/* "BEAT" */
@@ -1561,16 +1560,11 @@ beat_set_limit(PG_FUNCTION_ARGS)
 	is_quota = !PG_ARGISNULL(4);
 	if (!is_quota)
 	{
-		Interval   *per = PG_GETARG_INTERVAL_P(2);
-
-		beat_check_interval(per, "per", false);
 		/* the limiter counts in microseconds, in 64 bits: keep far from the edge */
-		if ((int128) per->month * DAYS_PER_MONTH * USECS_PER_DAY +
-			(int128) per->day * USECS_PER_DAY + per->time >
-			(int128) LIMIT_MAX_PERIOD_DAYS * USECS_PER_DAY)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("per must be at most %d years", LIMIT_MAX_PERIOD_YEARS)));
+		Interval	longest = {.day = LIMIT_MAX_PERIOD_DAYS};
+
+		beat_check_interval(PG_GETARG_INTERVAL_P(2), "per", false);
+		beat_check_interval_max(PG_GETARG_INTERVAL_P(2), &longest, "per", "10 years");
 	}
 	else
 	{

@@ -128,6 +128,8 @@ extern void beat_spi_finish(void);
 extern void beat_require(FunctionCallInfo fcinfo, int argno, const char *name);
 extern char *beat_check_name(text *t, const char *what);
 extern void beat_check_interval(Interval *iv, const char *what, bool zero_ok);
+extern void beat_check_interval_max(Interval *iv, const Interval *max, const char *what,
+									const char *max_text);
 extern void beat_check_range(int64 value, int64 lo, int64 hi, const char *what);
 extern int	beat_cmp_int64(const void *a, const void *b);
 

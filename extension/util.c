@@ -121,6 +121,18 @@ beat_check_interval(Interval *iv, const char *what, bool zero_ok)
 															   IntervalPGetDatum(iv))))));
 }
 
+/* Check that an interval is at most max (max_text says it to the user). */
+void
+beat_check_interval_max(Interval *iv, const Interval *max, const char *what,
+						const char *max_text)
+{
+	if (DatumGetInt32(DirectFunctionCall2(interval_cmp, IntervalPGetDatum(iv),
+										  IntervalPGetDatum(max))) > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be at most %s", what, max_text)));
+}
+
 /* Check that an integer lies in [lo, hi]. */
 void
 beat_check_range(int64 value, int64 lo, int64 hi, const char *what)
