@@ -296,53 +296,45 @@ write_limits_file(const LimitBucket *snap, int32 count)
 }
 
 /*
- * Take every partition spinlock with *snap (palloc'd here, huge if need
- * be) big enough for a copy of every bucket.  The table can hold more than
- * max_keys: two backends in different partitions may both take the last
- * free key, and the quota file loads whatever it holds.  So the buffer is
- * sized by the count under the locks, allocated without them.
+ * Copy the buckets (only the quotas, when quotas_only) into *snap, palloc'd
+ * here (huge if need be); return how many.  Takes every partition lock;
+ * the caller holds none.  The table can hold more than max_keys (two
+ * backends in different partitions may both take the last free key, and
+ * the quota file loads whatever it holds), so the buffer is sized by the
+ * count under the locks, and allocated without them.  With exact, the
+ * copies carry their counts as marks, and the marks in memory come down
+ * to the counts too.
  */
-static void
-lock_all_with_room(LimitBucket **snap)
+static int32
+snapshot(LimitBucket **snap, bool quotas_only, bool exact)
 {
+	HASH_SEQ_STATUS seq;
+	LimitBucket *b;
 	long		room = 0;
+	int32		n = 0;
 
 	*snap = NULL;
 	for (;;)
 	{
 		lock_all();
 		if (*snap != NULL && hash_get_num_entries(buckets) <= room)
-			return;
+			break;
 		room = hash_get_num_entries(buckets) + 64;
 		unlock_all();
 		if (*snap != NULL)
 			pfree(*snap);
 		*snap = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(LimitBucket) * room);
 	}
-}
-
-/*
- * Copy the quota buckets into snap (room for every bucket: see
- * lock_all_with_room, which the caller used).  With exact, the copies
- * carry their counts as marks, and the marks in memory come down to the
- * counts too.
- */
-static int32
-snapshot_quotas(LimitBucket *snap, bool exact)
-{
-	HASH_SEQ_STATUS seq;
-	LimitBucket *b;
-	int32		n = 0;
-
 	hash_seq_init(&seq, buckets);
 	while ((b = hash_seq_search(&seq)) != NULL)
 	{
-		if (b->kind != LIMIT_QUOTA)
+		if (quotas_only && b->kind != LIMIT_QUOTA)
 			continue;
 		if (exact)
 			b->durable_mark = b->used;
-		memcpy(&snap[n++], b, sizeof(LimitBucket));
+		memcpy(&(*snap)[n++], b, sizeof(LimitBucket));
 	}
+	unlock_all();
 	return n;
 }
 
@@ -367,9 +359,7 @@ beat_limiter_save(void)
 	 * mark above the counts we write waits for it, then raises it again.
 	 */
 	LWLockAcquire(limiter->file_lock, LW_EXCLUSIVE);
-	lock_all_with_room(&snap);
-	n = snapshot_quotas(snap, true);
-	unlock_all();
+	n = snapshot(&snap, true, true);
 	PG_TRY();
 	{
 		write_limits_file(snap, n);
@@ -815,9 +805,7 @@ raise_marks(int64 cost)
 	int32		n;
 
 	LWLockAcquire(limiter->file_lock, LW_EXCLUSIVE);
-	lock_all_with_room(&snap);
-	n = snapshot_quotas(snap, false);
-	unlock_all();
+	n = snapshot(&snap, true, false);
 
 	/* the new marks, in the copies */
 	for (int i = 0; i < n; i++)
@@ -1380,20 +1368,15 @@ Datum
 beat_limiter_status_rows(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	HASH_SEQ_STATUS seq;
 	LimitBucket *b;
 	LimitBucket *snap;
-	int			n = 0;
+	int			n;
 	int64		now = limiter_now();
 
 	InitMaterializedSRF(fcinfo, 0);
 
 	/* copy under the spinlocks, format without them */
-	lock_all_with_room(&snap);
-	hash_seq_init(&seq, buckets);
-	while ((b = hash_seq_search(&seq)) != NULL)
-		memcpy(&snap[n++], b, sizeof(LimitBucket));
-	unlock_all();
+	n = snapshot(&snap, false, false);
 
 	for (int i = 0; i < n; i++)
 	{
