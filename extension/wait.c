@@ -180,8 +180,10 @@ look(int64 task_id)
 static bool
 finished(const char *state)
 {
-	return strcmp(state, "succeeded") == 0 || strcmp(state, "dead") == 0 ||
-		strcmp(state, "cancelled") == 0;
+	char		quoted[NAMEDATALEN + 2];
+
+	snprintf(quoted, sizeof(quoted), "'%s'", state);
+	return strstr(DONE_STATES, quoted) != NULL;
 }
 
 /*
