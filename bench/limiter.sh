@@ -92,20 +92,24 @@ TICK=$(getconf CLK_TCK)
 # CPU ticks of the postmaster's exited children: the backends of a pgbench
 # run, once it has ended.
 reaped() { awk '{print $16 + $17}' "/proc/$PM/stat"; }
-# pgb FILE CLIENTS: one pgbench run; prints "tps transactions cpu_seconds",
-# the CPU being that of its backends and of pgbench itself.
+# pgb FILE CLIENTS [WRAPPER...]: one pgbench run, under WRAPPER if given
+# (part 4's perf record); prints "tps transactions cpu_seconds
+# backend_seconds", the CPU being that of its backends and of what ran it
+# (pgbench, and the wrapper), then that of its backends alone.
 pgb() {
-    local before after times
+    local file=$1 clients=$2 before after times
+    shift 2
     before=$(reaped)
-    times=$( { TIMEFORMAT='%3U %3S'; time as_pg "$PGBIN/pgbench" -n -h "$DIR" -p "$PORT" \
-        -T "$SECONDS_EACH" -M prepared -c "$2" -j "$(($2 < 2 ? 1 : 2))" -f "$1" postgres \
+    times=$( { TIMEFORMAT='%3U %3S'; time "$@" runuser -u postgres -- "$PGBIN/pgbench" -n \
+        -h "$DIR" -p "$PORT" -T "$SECONDS_EACH" -M prepared -c "$clients" \
+        -j "$((clients < 2 ? 1 : 2))" -f "$file" postgres \
         >"$DIR/pgbench.out" 2>"$DIR/pgbench.err"; } 2>&1 )
     sleep 0.3
     after=$(reaped)
     awk -v t="$times" -v b="$before" -v a="$after" -v tick="$TICK" '
         /^tps/ {tps = $3} /actually processed/ {n = $NF; sub(/\/.*/, "", n)}
-        END {split(t, u, " "); if (tps != "") printf "%.0f %d %.3f", tps, n, (a - b) / tick + u[1] + u[2]}' \
-        "$DIR/pgbench.out"
+        END {split(t, u, " "); if (tps != "") printf "%.0f %d %.3f %.3f", tps, n,
+             (a - b) / tick + u[1] + u[2], (a - b) / tick}' "$DIR/pgbench.out"
 }
 # Alternate the two, eleven times each, and take the median of the eleven
 # tps ratios: this machine drifts by more than the difference being
@@ -120,8 +124,8 @@ for c in 1 8; do
     pairs=""
     cpu_one=0; n_one=0; cpu_acq=0; n_acq=0
     for round in $(seq "$ROUNDS"); do
-        read -r one_tps one_n one_cpu <<<"$(pgb "$DIR/one.sql" "$c")"
-        read -r acq_tps acq_n acq_cpu <<<"$(pgb "$DIR/acquire.sql" "$c")"
+        read -r one_tps one_n one_cpu _ <<<"$(pgb "$DIR/one.sql" "$c")"
+        read -r acq_tps acq_n acq_cpu _ <<<"$(pgb "$DIR/acquire.sql" "$c")"
         [ -n "$acq_tps" ] && [ -n "$one_tps" ] || { echo "pgbench failed:"; head -3 "$DIR/pgbench.err"; exit 1; }
         ratios+=("$(awk -v a="$acq_tps" -v o="$one_tps" 'BEGIN {printf "%.1f", 100 * a / o}')")
         pairs="$pairs $acq_tps/$one_tps"
@@ -174,22 +178,16 @@ if [ "$PERF" = 1 ]; then
     echo "|---|---:|---:|---:|---:|---:|---:|"
     for run in "acquire 1" "one 1" "acquire 8" "one 8"; do
         read -r f c <<<"$run"
-        before=$(reaped)
-        perf record -q -a -g -F "$PERF_HZ" -o "$DIR/perf.data" -- \
-            runuser -u postgres -- "$PGBIN/pgbench" -n -h "$DIR" -p "$PORT" -T "$SECONDS_EACH" -M prepared \
-            -c "$c" -j "$((c < 2 ? 1 : 2))" -f "$DIR/$f.sql" postgres >"$DIR/pgbench.out" 2>"$DIR/perf.err" \
-            || { echo "perf record failed:"; tail -3 "$DIR/perf.err"; exit 1; }
-        sleep 0.3
-        after=$(reaped)
-        calls=$(awk '/actually processed/ {n = $NF; sub(/\/.*/, "", n); print n}' "$DIR/pgbench.out")
+        read -r tps calls _ backend <<<"$(pgb "$DIR/$f.sql" "$c" perf record -q -a -g -F "$PERF_HZ" -o "$DIR/perf.data" --)"
+        [ -n "$tps" ] || { echo "perf record or pgbench failed:"; tail -3 "$DIR/pgbench.err"; exit 1; }
         # each sample of a postgres process: its frames, joined
         perf script -i "$DIR/perf.data" -F comm,ip,sym --comm postgres 2>/dev/null |
-            awk -v n="$calls" -v c="$c" -v f="$f" -v cpu="$(( after - before ))" -v tick="$TICK" '
+            awk -v n="$calls" -v c="$c" -v f="$f" -v cpu="$backend" '
                 function flush() { if (inside) { all++; if (s ~ / beat_limiter_apply /) lim++;
                                    if (s ~ / record_out /) rec++; if (s ~ / interval_out /) itv++ } }
                 /^postgres/ { flush(); inside = 1; s = " "; next }
                 NF >= 2 { s = s $2 " " }
-                END { flush(); us = 1e6 * cpu / tick / n; if (all == 0) all = 1;
+                END { flush(); us = 1e6 * cpu / n; if (all == 0) all = 1;
                       printf "| %s | %d | %d | %.1f us | %.2f us (%.1f%%) | %.2f us (%.1f%%) | %.2f us |\n",
                              f == "one" ? "SELECT 1" : "SELECT beat.acquire(3 keys)", c, n, us,
                              us * lim / all, 100 * lim / all, us * rec / all, 100 * rec / all, us * itv / all }'
