@@ -350,9 +350,11 @@ new_flow() { sql -c "SELECT name FROM beat.create_flow('$1', workers => 0)" >/de
 # table without indexes), and the same row enqueue writes, INSERTed by
 # plain SQL into a copy of beat.task with its indexes and constraints.
 sql -c "CREATE TABLE bench_task (LIKE beat.task INCLUDING ALL)"
-f_insert=$(script insert 'INSERT INTO bench_insert VALUES (1);')
-f_task=$(script insert_task "INSERT INTO bench_task (flow, params, max_attempts, correlation_id) VALUES ('bench_1', '{\"n\":1}', 5, gen_random_uuid());")
-f_enqueue=$(script enqueue "SELECT beat.enqueue('bench_1', '{\"n\":1}');")
+declare -A FILE1=(
+    [insert]=$(script insert 'INSERT INTO bench_insert VALUES (1);')
+    [insert_task]=$(script insert_task "INSERT INTO bench_task (flow, params, max_attempts, correlation_id) VALUES ('bench_1', '{\"n\":1}', 5, gen_random_uuid());")
+    [enqueue]=$(script enqueue "SELECT beat.enqueue('bench_1', '{\"n\":1}');")
+)
 declare -A RUNS1 XACTS1 WAL1
 RATIO_INSERT=() RATIO_TASK=()
 if new_flow bench_1 && sql -c "TRUNCATE beat.task"; then
@@ -362,10 +364,7 @@ if new_flow bench_1 && sql -c "TRUNCATE beat.task"; then
         for k in insert insert_task enqueue; do
             log "1. single enqueue and its baselines, round $round of $ROUNDS: $k, ${ROUND_SECONDS}s"
             settle
-            file=$f_enqueue
-            [ "$k" = insert ] && file=$f_insert
-            [ "$k" = insert_task ] && file=$f_task
-            if run_pgbench "$k" "$file" -c 1 -T "$ROUND_SECONDS"; then
+            if run_pgbench "$k" "${FILE1[$k]}" -c 1 -T "$ROUND_SECONDS"; then
                 tps[$k]=$TPS
                 RUNS1[$k]+="$(round "$TPS") "
                 XACTS1[$k]=$(( ${XACTS1[$k]:-0} + XACTS ))
