@@ -7,7 +7,10 @@
 #      backends at once;
 #   2. SQL: pgbench running SELECT beat.acquire('{3 keys}') against SELECT 1,
 #      1 and 8 clients, alternating, 11 runs of 5 s each: the median tps
-#      ratio, and the CPU each transaction cost (backend and pgbench);
+#      ratio, and the CPU each transaction cost (backend and pgbench).
+#      A third statement in each round, SELECT pg_backend_pid(), is the
+#      cheapest function call PostgreSQL has: what calling any function
+#      costs over SELECT 1, which no function can go under;
 #   3. Redis: the same stacked check (3 GCRA keys, all or nothing) as a Lua
 #      script, EVALSHA through redis-benchmark, 1 and 8 clients.
 #   4. With BENCH_PERF=1 only: one more run of each at 1 and at 8 clients
@@ -86,6 +89,7 @@ echo "| C path, 2 backends at once (shared global keys) | $a + $b = $((a + b)) c
 # 2. SQL through pgbench
 echo "SELECT beat.acquire('$KEYS');" >"$DIR/acquire.sql"
 echo "SELECT 1;" >"$DIR/one.sql"
+echo "SELECT pg_backend_pid();" >"$DIR/pid.sql"
 chown postgres "$DIR"/*.sql
 PM=$(head -1 "$DIR/data/postmaster.pid")
 TICK=$(getconf CLK_TCK)
@@ -119,24 +123,31 @@ pgb() {
 # runs) does not drift with the machine's other load: its ratio is what the
 # tps ratio would be on a machine doing nothing else.
 ROUNDS=${BENCH_ROUNDS:-11}
+# median of the tps ratios a/b over the rounds, in percent
+median_pct() {
+    local -n a=$1 b=$2
+    for r in $(seq 0 $((ROUNDS - 1))); do
+        awk -v x="${a[$r]}" -v y="${b[$r]}" 'BEGIN {printf "%.1f\n", 100 * x / y}'
+    done | sort -n | sed -n "$(( (ROUNDS + 1) / 2 ))p"
+}
+# CPU per transaction of statement $1 in microseconds, from cpu and n
+us() { awk -v c="${cpu[$1]}" -v n="${n[$1]}" 'BEGIN {printf "%.1f", 1e6 * c / n}'; }
 for c in 1 8; do
-    ratios=()
-    pairs=""
-    cpu_one=0; n_one=0; cpu_acq=0; n_acq=0
+    acq=(); one=(); pid=(); pairs=""
+    declare -A cpu=([one]=0 [pid]=0 [acquire]=0) n=([one]=0 [pid]=0 [acquire]=0)
     for round in $(seq "$ROUNDS"); do
-        read -r one_tps one_n one_cpu _ <<<"$(pgb "$DIR/one.sql" "$c")"
-        read -r acq_tps acq_n acq_cpu _ <<<"$(pgb "$DIR/acquire.sql" "$c")"
-        [ -n "$acq_tps" ] && [ -n "$one_tps" ] || { echo "pgbench failed:"; head -3 "$DIR/pgbench.err"; exit 1; }
-        ratios+=("$(awk -v a="$acq_tps" -v o="$one_tps" 'BEGIN {printf "%.1f", 100 * a / o}')")
-        pairs="$pairs $acq_tps/$one_tps"
-        cpu_one=$(awk -v x="$cpu_one" -v y="$one_cpu" 'BEGIN {print x + y}'); n_one=$((n_one + one_n))
-        cpu_acq=$(awk -v x="$cpu_acq" -v y="$acq_cpu" 'BEGIN {print x + y}'); n_acq=$((n_acq + acq_n))
+        for f in one pid acquire; do
+            read -r tps calls used _ <<<"$(pgb "$DIR/$f.sql" "$c")"
+            [ -n "$tps" ] || { echo "pgbench failed:"; head -3 "$DIR/pgbench.err"; exit 1; }
+            case $f in one) one+=("$tps") ;; pid) pid+=("$tps") ;; acquire) acq+=("$tps") ;; esac
+            cpu[$f]=$(awk -v x="${cpu[$f]}" -v y="$used" 'BEGIN {print x + y}'); n[$f]=$((n[$f] + calls))
+        done
+        pairs="$pairs ${acq[-1]}/${pid[-1]}/${one[-1]}"
     done
-    median=$(printf '%s\n' "${ratios[@]}" | sort -n | sed -n "$(( (ROUNDS + 1) / 2 ))p")
-    cpu=$(awk -v co="$cpu_one" -v no="$n_one" -v ca="$cpu_acq" -v na="$n_acq" \
-        'BEGIN {o = 1e6 * co / no; a = 1e6 * ca / na; printf "%.1f us acquire, %.1f us SELECT 1: %.1f%%", a, o, 100 * o / a}')
-    echo "| SQL, $c client(s): SELECT beat.acquire(3 keys) vs SELECT 1, $ROUNDS alternating runs of ${SECONDS_EACH} s (tps acquire/select) |$pairs: median ${median}% of SELECT 1 |"
-    echo "| SQL, $c client(s): CPU per transaction (backends and pgbench, all runs) | $cpu |"
+    echo "| SQL, $c client(s): SELECT beat.acquire(3 keys), SELECT pg_backend_pid(), SELECT 1, $ROUNDS alternating rounds of ${SECONDS_EACH} s (tps acquire/pid/one) |$pairs |"
+    echo "| SQL, $c client(s): median tps ratio | acquire **$(median_pct acq one)%** of SELECT 1; pg_backend_pid() $(median_pct pid one)% of SELECT 1; acquire $(median_pct acq pid)% of pg_backend_pid() |"
+    echo "| SQL, $c client(s): CPU per transaction (backends and pgbench, all runs) | $(us acquire) us acquire, $(us pid) us pg_backend_pid(), $(us one) us SELECT 1: acquire $(awk -v a="$(us acquire)" -v o="$(us one)" 'BEGIN {printf "%.1f", 100 * o / a}')% of SELECT 1, $(awk -v a="$(us acquire)" -v o="$(us pid)" 'BEGIN {printf "%.1f", 100 * o / a}')% of pg_backend_pid() |"
+    unset cpu n
 done
 
 # 3. Redis: the same stacked check as a Lua script (GCRA per key, all or nothing)
