@@ -77,6 +77,7 @@ PG_FUNCTION_INFO_V1(beat_penalize);
 PG_FUNCTION_INFO_V1(beat_limiter_status_rows);
 PG_FUNCTION_INFO_V1(beat_limits_changed);
 PG_FUNCTION_INFO_V1(beat_bench_acquire);
+PG_FUNCTION_INFO_V1(beat_bench_acquire_unchecked);
 PG_FUNCTION_INFO_V1(beat_set_limit);
 PG_FUNCTION_INFO_V1(beat_drop_limit);
 
@@ -1202,17 +1203,17 @@ interval_us(Interval *iv, int64 us)
 }
 
 /*
- * The result descriptor of beat.acquire and beat.peek, blessed once per
- * backend: fn_extra lasts one execution only, and building it was the
- * largest cost of a call after the round trip.  Kept per function oid, so
- * a function created again (by an update) gets its own.
+ * The result descriptor of beat.acquire, beat.peek and the benchmark's
+ * unchecked acquire (slots 0, 1, 2), blessed once per backend: fn_extra
+ * lasts one execution only, and building it was the largest cost of a
+ * call after the round trip.  Kept per function oid, so a function
+ * created again (by an update) gets its own.
  */
 static TupleDesc
-acquire_result_desc(FunctionCallInfo fcinfo, BeatLimiterMode mode)
+acquire_result_desc(FunctionCallInfo fcinfo, int i)
 {
-	static Oid	fn[2];
-	static TupleDesc desc[2];
-	int			i = mode == BEAT_PEEK;
+	static Oid	fn[3];
+	static TupleDesc desc[3];
 
 	if (desc[i] == NULL || fn[i] != fcinfo->flinfo->fn_oid)
 	{
@@ -1228,9 +1229,12 @@ acquire_result_desc(FunctionCallInfo fcinfo, BeatLimiterMode mode)
 	return desc[i];
 }
 
-/* Shared body of beat.acquire and beat.peek. */
+/*
+ * Shared body of beat.acquire and beat.peek; with check false, everything
+ * but the limiter (beat_bench_acquire_unchecked).
+ */
 static Datum
-acquire_sql(FunctionCallInfo fcinfo, BeatLimiterMode mode)
+acquire_sql(FunctionCallInfo fcinfo, BeatLimiterMode mode, bool check)
 {
 	TupleDesc	tupdesc;
 	Datum		values[5];
@@ -1251,10 +1255,19 @@ acquire_sql(FunctionCallInfo fcinfo, BeatLimiterMode mode)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("cost must be positive")));
 	n = keys_arg(PG_GETARG_ARRAYTYPE_P(0), buf, keys);
-	tupdesc = acquire_result_desc(fcinfo, mode);
+	tupdesc = acquire_result_desc(fcinfo, !check ? 2 : mode == BEAT_PEEK ? 1 : 0);
 
-	beat_limiter_refresh();
-	r = beat_limiter_apply(keys, n, cost, mode);
+	if (check)
+	{
+		beat_limiter_refresh();
+		r = beat_limiter_apply(keys, n, cost, mode);
+	}
+	else
+	{
+		memset(&r, 0, sizeof(r));
+		r.allowed = true;
+		r.remaining = PG_INT64_MAX;
+	}
 
 	values[0] = BoolGetDatum(r.allowed);
 	values[1] = interval_us(&retry, r.allowed ? 0 : r.retry_us);
@@ -1272,14 +1285,28 @@ acquire_sql(FunctionCallInfo fcinfo, BeatLimiterMode mode)
 Datum
 beat_acquire(PG_FUNCTION_ARGS)
 {
-	return acquire_sql(fcinfo, BEAT_CHARGE);
+	return acquire_sql(fcinfo, BEAT_CHARGE, true);
 }
 
 /* beat.peek(keys, cost): what beat.acquire would answer, charging nothing. */
 Datum
 beat_peek(PG_FUNCTION_ARGS)
 {
-	return acquire_sql(fcinfo, BEAT_PEEK);
+	return acquire_sql(fcinfo, BEAT_PEEK, true);
+}
+
+/*
+ * What beat.acquire costs without its limiter: the same arguments read the
+ * same way and the same result built, for an admitted call, with no limit
+ * checked or charged.  No SQL function of the extension calls it:
+ * bench/limiter.sh creates one on its throwaway cluster, to tell in one
+ * run what acquire's check costs from what any function of acquire's
+ * arguments and result costs.
+ */
+Datum
+beat_bench_acquire_unchecked(PG_FUNCTION_ARGS)
+{
+	return acquire_sql(fcinfo, BEAT_CHARGE, false);
 }
 
 /* beat.refund(keys, cost): give back a charge for a call never made. */
