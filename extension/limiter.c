@@ -19,16 +19,21 @@
  * quota (kind 'quota') counts uses in the current calendar window (hour,
  * day, week, month) of its time zone and starts at zero in the next.
  *
- * Locking.  Buckets live in one shared hash table, partitioned 16 ways;
- * a key's partition spinlock guards its bucket.  An acquire takes the
- * spinlocks of all its keys' partitions in ascending order, decides every
- * key, and charges all of them or none: a few hundred nanoseconds of
- * arithmetic, nothing that can raise an error or wait (a quota's new
- * calendar window is computed with the locks released, then the acquire
- * starts over).  Dropping idle buckets and taking a snapshot for the quota
- * file take every partition spinlock in order after releasing what they
- * held; the file itself is written with the spinlocks released, under the
- * LWLock file_lock.
+ * Locking.  Buckets live in one shared hash table, partitioned 16 ways; a
+ * partition's spinlock guards which buckets it holds, and each bucket's
+ * own spinlock (its mutex) guards its state.  A backend keeps pointers to
+ * the buckets it has met: an acquire takes the mutexes of all its keys'
+ * buckets in address order, finds each still its key's (or drops the
+ * pointer and looks the key up again under its partition lock), decides
+ * every key, and charges all of them or none: a few hundred nanoseconds
+ * of arithmetic, nothing that can raise an error or wait (a quota's new
+ * calendar window is computed with the mutexes released, then the acquire
+ * starts over).  The mutex shares its cache line with the state a check
+ * writes, so a check moves one line per key between processors.  Dropping
+ * idle buckets and taking a snapshot for the quota file take every
+ * partition spinlock in order, then one bucket's mutex at a time, after
+ * releasing what they held; the file itself is written with the
+ * spinlocks released, under the LWLock file_lock.
  *
  * Quotas survive restarts and crashes like sequences do.  A quota admits
  * only up to a "durable mark" that is already in the file
@@ -116,24 +121,80 @@ typedef struct LimitDef
 	bool		is_template;
 } LimitDef;
 
-/* One bucket, keyed by the concrete key. */
+/*
+ * A cache line of x86-64 and of most ARM processors.  PG_CACHE_LINE_SIZE,
+ * 128, is an upper bound; shared memory is aligned to it, so to this too.
+ */
+#define BUCKET_LINE			64
+
+/*
+ * One bucket, keyed by the concrete key.  Its mutex guards every field
+ * but the key.  The mutex and what a check writes share one cache line,
+ * so that a check moves one line per key between processors: dynahash
+ * puts an entry 16 bytes into its element, elements are a whole number
+ * of cache lines, and their memory is cache-line aligned (asserted below).
+ */
 typedef struct LimitBucket
 {
 	char		key[BEAT_KEY_MAX];	/* hash key: must be first */
-	char		limit_name[BEAT_KEY_MAX];
+	/* read by every check; written when the definition changes */
 	int64		limit_created;	/* the definition's created_at */
-	LimitKind	kind;
 	int64		limit;			/* the settings the state was computed with */
 	int64		period_us;
 	int64		burst;
-	QuotaWindow window;
-	int128		tat;			/* rate: theoretical arrival time, us * limit */
-	int64		not_before;		/* beat.penalize: nothing before this (us) */
-	int64		window_start;	/* quota: the current window, [start, end) */
-	int64		window_end;
-	int64		used;			/* quota: uses in the window */
 	int64		durable_mark;	/* quota: the count the file allows */
+	LimitKind	kind;
+	QuotaWindow window;
+	union
+	{
+		struct
+		{
+			slock_t		mutex;
+			bool		live;	/* in the table: false once dropped */
+			bool		fresh;	/* made, not yet set up for its limit */
+			uint32		magic;	/* BUCKET_MAGIC: the mutex was initialized */
+			int128		tat;	/* rate: theoretical arrival time, us * limit */
+			int64		not_before; /* beat.penalize: nothing before this (us) */
+			int64		used;	/* quota: uses in the window */
+			int64		window_start;	/* quota: the current window, [start, end) */
+			int64		window_end;
+		};
+		char		line[BUCKET_LINE];
+	};
+	char		limit_name[BEAT_KEY_MAX];	/* for the status view and the file */
 } LimitBucket;
+
+#define BUCKET_MAGIC		0x6265617a
+
+StaticAssertDecl((MAXALIGN(sizeof(HASHELEMENT)) + offsetof(LimitBucket, line)) %
+				 BUCKET_LINE == 0,
+				 "a bucket's mutex must start a cache line");
+StaticAssertDecl((MAXALIGN(sizeof(HASHELEMENT)) + sizeof(LimitBucket)) %
+				 BUCKET_LINE == 0,
+				 "a bucket's element must be whole cache lines");
+
+/*
+ * A quota bucket in LIMITS_FILE (version 2): the layout buckets had in
+ * memory when the file was introduced, kept so that files written by
+ * earlier builds still load.
+ */
+typedef struct LimitFileEntry
+{
+	char		key[BEAT_KEY_MAX];
+	char		limit_name[BEAT_KEY_MAX];
+	int64		limit_created;
+	LimitKind	kind;
+	int64		limit;
+	int64		period_us;
+	int64		burst;
+	QuotaWindow window;
+	int128		tat;
+	int64		not_before;
+	int64		window_start;
+	int64		window_end;
+	int64		used;
+	int64		durable_mark;
+} LimitFileEntry;
 
 /* What was decided for one key. */
 typedef struct Decision
@@ -224,7 +285,7 @@ load_limits_file(void)
 	}
 	for (int i = 0; i < count; i++)
 	{
-		LimitBucket b;
+		LimitFileEntry b;
 		LimitBucket *e;
 		bool		found;
 
@@ -250,9 +311,26 @@ load_limits_file(void)
 		e = hash_search(buckets, b.key, HASH_ENTER_NULL, &found);
 		if (e == NULL)
 			break;
-		memcpy(e, &b, sizeof(b));
+		if (e->magic != BUCKET_MAGIC)
+		{
+			SpinLockInit(&e->mutex);
+			e->magic = BUCKET_MAGIC;
+		}
+		strlcpy(e->limit_name, b.limit_name, BEAT_KEY_MAX);
+		e->limit_created = b.limit_created;
+		e->kind = b.kind;
+		e->limit = b.limit;
+		e->period_us = b.period_us;
+		e->burst = b.burst;
+		e->window = b.window;
+		e->tat = b.tat;
+		e->not_before = b.not_before;
+		e->window_start = b.window_start;
+		e->window_end = b.window_end;
 		/* whatever the file says was used or reserved, counts as used */
-		e->used = e->durable_mark;
+		e->used = e->durable_mark = b.durable_mark;
+		e->fresh = false;
+		e->live = true;
 	}
 	FreeFile(f);
 }
@@ -268,6 +346,7 @@ write_limits_file(const LimitBucket *snap, int32 count)
 	char		tmp[MAXPGPATH];
 	FILE	   *f;
 	uint32		header[2] = {LIMITS_FILE_MAGIC, LIMITS_FILE_VERSION};
+	bool		ok;
 
 	snprintf(tmp, sizeof(tmp), "%s.tmp", LIMITS_FILE);
 	f = AllocateFile(tmp, PG_BINARY_W);
@@ -275,10 +354,31 @@ write_limits_file(const LimitBucket *snap, int32 count)
 		ereport(ERROR,
 				(errcode_for_file_access(),
 				 errmsg("pg_beat: could not write \"%s\": %m", tmp)));
-	if (fwrite(header, sizeof(header), 1, f) != 1 ||
-		fwrite(&count, sizeof(count), 1, f) != 1 ||
-		(count > 0 && fwrite(snap, sizeof(LimitBucket), count, f) != (size_t) count) ||
-		fflush(f) != 0 || pg_fsync(fileno(f)) != 0)
+	ok = fwrite(header, sizeof(header), 1, f) == 1 &&
+		fwrite(&count, sizeof(count), 1, f) == 1;
+	for (int i = 0; ok && i < count; i++)
+	{
+		const LimitBucket *b = &snap[i];
+		LimitFileEntry e;
+
+		memset(&e, 0, sizeof(e));
+		strlcpy(e.key, b->key, BEAT_KEY_MAX);
+		strlcpy(e.limit_name, b->limit_name, BEAT_KEY_MAX);
+		e.limit_created = b->limit_created;
+		e.kind = b->kind;
+		e.limit = b->limit;
+		e.period_us = b->period_us;
+		e.burst = b->burst;
+		e.window = b->window;
+		e.tat = b->tat;
+		e.not_before = b->not_before;
+		e.window_start = b->window_start;
+		e.window_end = b->window_end;
+		e.used = b->used;
+		e.durable_mark = b->durable_mark;
+		ok = fwrite(&e, sizeof(e), 1, f) == 1;
+	}
+	if (!ok || fflush(f) != 0 || pg_fsync(fileno(f)) != 0)
 	{
 		int			save_errno = errno;
 
@@ -298,8 +398,9 @@ write_limits_file(const LimitBucket *snap, int32 count)
 
 /*
  * Copy the buckets (only the quotas, when quotas_only) into *snap, palloc'd
- * here (huge if need be); return how many.  Takes every partition lock;
- * the caller holds none.  The table can hold more than max_keys (two
+ * here (huge if need be); return how many.  Takes every partition lock,
+ * and each bucket's mutex in turn; the caller holds none.  A bucket made
+ * but not yet set up for its limit is left out.  The table can hold more than max_keys (two
  * backends in different partitions may both take the last free key, and
  * the quota file loads whatever it holds), so the buffer is sized by the
  * count under the locks, and allocated without them.  With exact, the
@@ -329,11 +430,14 @@ snapshot(LimitBucket **snap, bool quotas_only, bool exact)
 	hash_seq_init(&seq, buckets);
 	while ((b = hash_seq_search(&seq)) != NULL)
 	{
-		if (quotas_only && b->kind != LIMIT_QUOTA)
-			continue;
-		if (exact)
-			b->durable_mark = b->used;
-		memcpy(&(*snap)[n++], b, sizeof(LimitBucket));
+		SpinLockAcquire(&b->mutex);
+		if (!b->fresh && (!quotas_only || b->kind == LIMIT_QUOTA))
+		{
+			if (exact)
+				b->durable_mark = b->used;
+			memcpy(&(*snap)[n++], b, sizeof(LimitBucket));
+		}
+		SpinLockRelease(&b->mutex);
 	}
 	unlock_all();
 	return n;
@@ -592,19 +696,21 @@ ceil_div(int128 a, int64 b)
  * Bring a bucket in line with its definition and the time: a new bucket
  * starts whole; changed settings take effect at once (a rate keeps the
  * units it owes, paid at the new rate; a quota keeps its count); a quota
- * in a new window starts at zero.  Runs under a spinlock: a quota that
+ * in a new window starts at zero.  Runs under the bucket's mutex: a quota that
  * needs its window for now gets it in window ([start, end)); without one,
  * or with one that does not hold now, it returns false and the caller
  * computes it with the lock released.
  */
 static bool
-bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, bool fresh,
-			const int64 *window)
+bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, const int64 *window)
 {
-	if (fresh || b->kind != d->kind || b->limit_created != d->created ||
+	if (b->fresh || b->kind != d->kind || b->limit_created != d->created ||
 		strcmp(b->limit_name, d->name) != 0)
 	{
-		memset(((char *) b) + BEAT_KEY_MAX, 0, sizeof(LimitBucket) - BEAT_KEY_MAX);
+		b->fresh = false;
+		b->durable_mark = 0;
+		b->not_before = 0;
+		b->used = 0;
 		strlcpy(b->limit_name, d->name, BEAT_KEY_MAX);
 		b->limit_created = d->created;
 		b->kind = d->kind;
@@ -778,7 +884,15 @@ make_room(int need, int64 now)
 		hash_seq_init(&seq, buckets);
 		while ((b = hash_seq_search(&seq)) != NULL)
 		{
-			if (!bucket_idle(b, now))
+			bool		idle;
+
+			/* a backend may still point at it: it finds it dead */
+			SpinLockAcquire(&b->mutex);
+			idle = b->fresh || bucket_idle(b, now);
+			if (idle)
+				b->live = false;
+			SpinLockRelease(&b->mutex);
+			if (!idle)
 				continue;
 			hash_search(buckets, b->key, HASH_REMOVE, NULL);
 			if (--goal == 0)
@@ -831,10 +945,14 @@ raise_marks(int64 cost)
 		{
 			LimitBucket *b = hash_search(buckets, snap[i].key, HASH_FIND, NULL);
 
-			if (b && b->kind == LIMIT_QUOTA && b->window_start == snap[i].window_start &&
+			if (b == NULL)
+				continue;
+			SpinLockAcquire(&b->mutex);
+			if (b->kind == LIMIT_QUOTA && b->window_start == snap[i].window_start &&
 				b->limit_created == snap[i].limit_created &&
 				b->durable_mark < snap[i].durable_mark)
 				b->durable_mark = snap[i].durable_mark;
+			SpinLockRelease(&b->mutex);
 		}
 		unlock_all();
 	}
@@ -846,6 +964,82 @@ raise_marks(int64 cost)
 	pfree(snap);
 }
 
+
+/*
+ * This backend's pointers to the buckets it has met, by key: a check goes
+ * to its buckets without the partition locks, and validates each under
+ * its mutex (a bucket dropped since is dead, or is another key's).
+ */
+#define BUCKET_CACHE_SIZE	64
+
+typedef struct CachedBucket
+{
+	LimitBucket *b;
+	uint32		hash;
+	char		key[BEAT_KEY_MAX];
+} CachedBucket;
+
+static CachedBucket bucket_cache[BUCKET_CACHE_SIZE];
+
+static LimitBucket *
+cache_find(const char *key, uint32 hash)
+{
+	CachedBucket *c = &bucket_cache[hash % BUCKET_CACHE_SIZE];
+
+	return c->b != NULL && c->hash == hash && strcmp(c->key, key) == 0 ? c->b : NULL;
+}
+
+static void
+cache_forget(const char *key, uint32 hash)
+{
+	if (cache_find(key, hash) != NULL)
+		bucket_cache[hash % BUCKET_CACHE_SIZE].b = NULL;
+}
+
+/*
+ * The bucket of key, found or made under its partition lock, and kept in
+ * the cache; NULL when the table is full.  A bucket made here is fresh:
+ * the first check sets it up for its limit.  Its element may have been a
+ * dropped bucket whose mutex another backend, still pointing at it, holds
+ * for a moment: the mutex is initialized only in an element never used
+ * (shared memory starts zeroed), and taken in any other.
+ */
+static LimitBucket *
+bucket_get(const char *key, uint32 hash)
+{
+	slock_t    *lock = &limiter->locks[hash % LIMITER_PARTITIONS].lock;
+	LimitBucket *b;
+	bool		found;
+
+	SpinLockAcquire(lock);
+	b = hash_search_with_hash_value(buckets, key, hash, HASH_FIND, &found);
+	if (b == NULL && hash_get_num_entries(buckets) < limiter->max_keys)
+	{
+		b = hash_search_with_hash_value(buckets, key, hash, HASH_ENTER_NULL, &found);
+		if (b != NULL)
+		{
+			if (b->magic != BUCKET_MAGIC)
+			{
+				SpinLockInit(&b->mutex);
+				b->magic = BUCKET_MAGIC;
+			}
+			SpinLockAcquire(&b->mutex);
+			b->fresh = true;
+			b->live = true;
+			SpinLockRelease(&b->mutex);
+		}
+	}
+	SpinLockRelease(lock);
+	if (b != NULL)
+	{
+		CachedBucket *c = &bucket_cache[hash % BUCKET_CACHE_SIZE];
+
+		c->b = b;
+		c->hash = hash;
+		strlcpy(c->key, key, BEAT_KEY_MAX);
+	}
+	return b;
+}
 
 /*
  * The limiter itself: decide cost for every key at once, and charge all
@@ -923,7 +1117,7 @@ key_def(const char *key, int64 cost, BeatLimiterMode mode, char **error)
  *
  * A key given twice counts once: the call passes each bucket once (two
  * templates of a flow may fill in to the same key).  The time is read
- * under the partition locks, on every pass: a caller whose time was read
+ * under the buckets' mutexes, on every pass: a caller whose time was read
  * before another's, which then moved a quota into its next window, would
  * otherwise take the bucket back to the window before.
  */
@@ -936,8 +1130,7 @@ beat_limiter_try(const char *const *given, int ngiven, int64 cost, BeatLimiterMo
 	int			nkeys = 0;
 	const LimitDef *kdefs[BEAT_MAX_STACKED_KEYS];
 	uint32		hashes[BEAT_MAX_STACKED_KEYS];
-	int			parts[BEAT_MAX_STACKED_KEYS];
-	int			nparts;
+	LimitBucket *b[BEAT_MAX_STACKED_KEYS];
 	int64		now;
 	int64		windows[BEAT_MAX_STACKED_KEYS][2];
 	bool		have_window[BEAT_MAX_STACKED_KEYS] = {false};
@@ -971,62 +1164,69 @@ beat_limiter_try(const char *const *given, int ngiven, int64 cost, BeatLimiterMo
 			return result;
 		}
 		hashes[i] = get_hash_value(buckets, keys[i]);
-		parts[i] = hashes[i] % LIMITER_PARTITIONS;
+		b[i] = cache_find(keys[i], hashes[i]);
 	}
-
-	/* the partitions to lock, each once, ascending (at most 16: insertion sort) */
-	for (int i = 1; i < nkeys; i++)
-	{
-		int			p = parts[i];
-		int			j = i;
-
-		for (; j > 0 && parts[j - 1] > p; j--)
-			parts[j] = parts[j - 1];
-		parts[j] = p;
-	}
-	nparts = 0;
-	for (int i = 0; i < nkeys; i++)
-		if (nparts == 0 || parts[i] != parts[nparts - 1])
-			parts[nparts++] = parts[i];
 
 	for (;;)
 	{
-		LimitBucket *b[BEAT_MAX_STACKED_KEYS];
+		int			order[BEAT_MAX_STACKED_KEYS];
+		bool		dropped[BEAT_MAX_STACKED_KEYS];
 		bool		full = false;
+		bool		stale = false;
 		bool		need_mark = false;
 		int			need_window = -1;
 
-		for (int i = 0; i < nparts; i++)
-			SpinLockAcquire(&limiter->locks[parts[i]].lock);
-		now = limiter_now();
-
-		for (int i = 0; i < nkeys && !full && need_window < 0; i++)
+		/* the buckets this backend has not met yet, found or made */
+		for (int i = 0; i < nkeys && !full; i++)
+			if (b[i] == NULL && (b[i] = bucket_get(keys[i], hashes[i])) == NULL)
+				full = true;
+		if (full)
 		{
-			bool		found;
+			bool		room = make_room(nkeys, limiter_now());
 
-			b[i] = hash_search_with_hash_value(buckets, keys[i], hashes[i],
-											   HASH_FIND, &found);
-			if (b[i] == NULL)
+			if (!room && error)
 			{
-				if (hash_get_num_entries(buckets) >= limiter->max_keys)
-				{
-					full = true;
-					break;
-				}
-				b[i] = hash_search_with_hash_value(buckets, keys[i], hashes[i],
-												   HASH_ENTER_NULL, &found);
-				if (b[i] == NULL)
-				{
-					full = true;
-					break;
-				}
+				*error = psprintf("too many rate limit keys are in use (beat.limiter_max_keys is %d)",
+								  limiter->max_keys);
+				result.allowed = false;
+				return result;
 			}
-			if (!bucket_sync(b[i], kdefs[i], now, !found,
-							 have_window[i] ? windows[i] : NULL))
-				need_window = i;
+			if (!room)
+				ereport(ERROR,
+						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+						 errmsg("too many rate limit keys are in use"),
+						 errdetail("All %d keys are busy; none is idle enough to drop.",
+								   limiter->max_keys),
+						 errhint("Raise beat.limiter_max_keys.")));
+			continue;
 		}
 
-		if (!full && need_window < 0)
+		/* their mutexes, in address order (at most 16: insertion sort) */
+		for (int i = 0; i < nkeys; i++)
+		{
+			int			j = i;
+
+			for (; j > 0 && b[order[j - 1]] > b[i]; j--)
+				order[j] = order[j - 1];
+			order[j] = i;
+		}
+		for (int i = 0; i < nkeys; i++)
+			SpinLockAcquire(&b[order[i]]->mutex);
+
+		/* a bucket dropped since this backend met it is dead, or another key's */
+		for (int i = 0; i < nkeys; i++)
+		{
+			dropped[i] = !b[i]->live || strcmp(b[i]->key, keys[i]) != 0;
+			if (dropped[i])
+				stale = true;
+		}
+
+		now = limiter_now();
+		for (int i = 0; i < nkeys && !stale && need_window < 0; i++)
+			if (!bucket_sync(b[i], kdefs[i], now, have_window[i] ? windows[i] : NULL))
+				need_window = i;
+
+		if (!stale && need_window < 0)
 		{
 			memset(&result, 0, sizeof(result));
 			result.allowed = true;
@@ -1063,35 +1263,25 @@ beat_limiter_try(const char *const *given, int ngiven, int64 cost, BeatLimiterMo
 					bucket_charge(b[i], cost, now);
 		}
 
-		for (int i = nparts - 1; i >= 0; i--)
-			SpinLockRelease(&limiter->locks[parts[i]].lock);
+		for (int i = nkeys - 1; i >= 0; i--)
+			SpinLockRelease(&b[order[i]]->mutex);
 
+		if (stale)
+		{
+			for (int i = 0; i < nkeys; i++)
+				if (dropped[i])
+				{
+					cache_forget(keys[i], hashes[i]);
+					b[i] = NULL;
+				}
+			continue;
+		}
 		if (need_window >= 0)
 		{
 			/* a quota entered a new window: compute it unlocked, start over */
 			quota_window(kdefs[need_window], now, &windows[need_window][0],
 						 &windows[need_window][1]);
 			have_window[need_window] = true;
-			continue;
-		}
-		if (full)
-		{
-			bool		room = make_room(nkeys, now);
-
-			if (!room && error)
-			{
-				*error = psprintf("too many rate limit keys are in use (beat.limiter_max_keys is %d)",
-								  limiter->max_keys);
-				result.allowed = false;
-				return result;
-			}
-			if (!room)
-				ereport(ERROR,
-						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-						 errmsg("too many rate limit keys are in use"),
-						 errdetail("All %d keys are busy; none is idle enough to drop.",
-								   limiter->max_keys),
-						 errhint("Raise beat.limiter_max_keys.")));
 			continue;
 		}
 		if (need_mark && result.allowed && mode == BEAT_CHARGE)
@@ -1337,9 +1527,7 @@ beat_penalize(PG_FUNCTION_ARGS)
 	TimestampTz until;
 	const LimitDef *d;
 	uint32		hash;
-	slock_t    *lock;
 	LimitBucket *b;
-	bool		found;
 	int64		now = limiter_now();
 	int64		window[2] = {0, 0};
 
@@ -1365,28 +1553,30 @@ beat_penalize(PG_FUNCTION_ARGS)
 
 	if (d->kind == LIMIT_QUOTA)
 		quota_window(d, now, &window[0], &window[1]);
+	hash = get_hash_value(buckets, key);
 	for (;;)
 	{
-		hash = get_hash_value(buckets, key);
-		lock = &limiter->locks[hash % LIMITER_PARTITIONS].lock;
-		SpinLockAcquire(lock);
-		b = hash_search_with_hash_value(buckets, key, hash, HASH_FIND, &found);
-		if (b == NULL && hash_get_num_entries(buckets) < limiter->max_keys)
-			b = hash_search_with_hash_value(buckets, key, hash, HASH_ENTER_NULL, &found);
-		if (b != NULL)
+		b = cache_find(key, hash);
+		if (b == NULL && (b = bucket_get(key, hash)) == NULL)
 		{
-			(void) bucket_sync(b, d, now, !found, window);
+			if (!make_room(1, now))
+				ereport(ERROR,
+						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+						 errmsg("too many rate limit keys are in use"),
+						 errhint("Raise beat.limiter_max_keys.")));
+			continue;
+		}
+		SpinLockAcquire(&b->mutex);
+		if (b->live && strcmp(b->key, key) == 0)
+		{
+			(void) bucket_sync(b, d, now, window);
 			if (until > b->not_before)
 				b->not_before = until;
-			SpinLockRelease(lock);
+			SpinLockRelease(&b->mutex);
 			PG_RETURN_VOID();
 		}
-		SpinLockRelease(lock);
-		if (!make_room(1, now))
-			ereport(ERROR,
-					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-					 errmsg("too many rate limit keys are in use"),
-					 errhint("Raise beat.limiter_max_keys.")));
+		SpinLockRelease(&b->mutex);
+		cache_forget(key, hash);
 	}
 }
 

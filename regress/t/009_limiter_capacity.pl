@@ -2,7 +2,10 @@
 # - a new key drops an idle one, and the call leaves no scan open behind it;
 # - with none idle, the call fails with an error naming the setting, and
 #   every other key still answers at once (no spinlock left held);
-# - a key given twice in one call is charged once.
+# - a key given twice in one call is charged once;
+# - a backend that still points at a bucket dropped since (and its memory
+#   given to another key) finds it gone, and charges nothing of the other
+#   key's.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -61,9 +64,46 @@ $$;
 is($ret, 0, '200 new keys in one transaction, each dropping an idle one');
 is($err, '', 'and no scan is left open');
 
+# --- a bucket dropped while a backend points at it ---------------------------
+
+# Session a meets fast:a, so it keeps a pointer to its bucket.  Then,
+# from other sessions, fifteen quota keys (busy once charged) and fast:z
+# take the table: every fast key before them is dropped, fast:a too, and
+# their memory goes to the new keys.
+my $a = $node->background_psql('postgres');
+is($a->query_safe(q{SELECT allowed FROM beat.acquire('{fast:a}')}), 't',
+	'session a is admitted through fast:a');
+usleep(20_000);
+for my $i (1 .. 15)
+{
+	usleep(2_000);
+	$node->safe_psql('postgres', qq{SELECT beat.acquire('{quota:$i}')});
+}
+usleep(20_000);
+$node->safe_psql('postgres', q{SELECT beat.acquire('{fast:z}')});
+is($node->safe_psql('postgres',
+	q{SELECT count(*) FROM beat.limiter_status WHERE key = 'fast:z' OR key LIKE 'quota:%'}),
+	'16', 'fifteen quota keys and fast:z fill the table');
+is($node->safe_psql('postgres',
+	q{SELECT count(*) FROM beat.limiter_status WHERE key = 'fast:a'}),
+	'0', 'fast:a is gone');
+usleep(20_000);
+
+is($a->query_safe(q{SELECT allowed FROM beat.acquire('{fast:a}')}), 't',
+	'session a is admitted through fast:a again');
+is($node->safe_psql('postgres',
+	q{SELECT count(*) FROM beat.limiter_status WHERE key = 'fast:a' AND limit_name = 'fast:{{x}}'}),
+	'1', 'through a bucket of its own');
+is($node->safe_psql('postgres', q{
+SELECT count(*) FROM beat.limiter_status
+WHERE key LIKE 'quota:%' AND limit_name = 'quota:{{x}}' AND remaining = 9}),
+	'15', 'and every quota key is as it was: its own limit, charged once');
+$a->quit;
+
 # --- a full table of busy keys: an error, and nothing stuck -------------------
 
-# quota keys charged today are not idle until the day ends
+# quota keys charged today are not idle until the day ends (1 to 15 are
+# charged a second time)
 $node->safe_psql('postgres', q{
 SELECT count(*) FROM generate_series(1, 16) g,
     LATERAL beat.acquire(ARRAY['quota:' || g]) a WHERE a.allowed;
@@ -85,8 +125,8 @@ like($err, qr/beat\.limiter_max_keys/, 'and names the setting');
 is($ret, 0, 'an existing key still answers after the refusal');
 is($out, 't', 'and is admitted');
 is($node->safe_psql('postgres',
-	q{SELECT remaining FROM beat.peek('{quota:1}')}), '7',
-	'charged once more (10 - 2, and 1 more after this peek)');
+	q{SELECT remaining FROM beat.peek('{quota:1}')}), '6',
+	'charged once more (10 - 3, and 1 more after this peek)');
 
 # --- a key given twice counts once -------------------------------------------
 
@@ -94,8 +134,8 @@ is($node->safe_psql('postgres',
 	q{SELECT allowed FROM beat.acquire('{quota:2, quota:2}')}), 't',
 	'a key given twice is admitted');
 is($node->safe_psql('postgres',
-	q{SELECT remaining FROM beat.peek('{quota:2}')}), '7',
-	'and charged once (10 - 2, and 1 more after this peek)');
+	q{SELECT remaining FROM beat.peek('{quota:2}')}), '6',
+	'and charged once (10 - 3, and 1 more after this peek)');
 
 $node->stop;
 done_testing();
