@@ -1210,6 +1210,24 @@ beat_limiter_try(const char *const *given, int ngiven, int64 cost, BeatLimiterMo
 				order[j] = order[j - 1];
 			order[j] = i;
 		}
+
+		/*
+		 * A pointer met before may lead to a bucket dropped since and made
+		 * again for another of these keys: never take a mutex twice.  Look
+		 * them all up again.
+		 */
+		for (int i = 1; i < nkeys && !stale; i++)
+			stale = b[order[i]] == b[order[i - 1]];
+		if (stale)
+		{
+			for (int i = 0; i < nkeys; i++)
+			{
+				cache_forget(keys[i], hashes[i]);
+				b[i] = NULL;
+			}
+			continue;
+		}
+
 		for (int i = 0; i < nkeys; i++)
 			SpinLockAcquire(&b[order[i]]->mutex);
 

@@ -5,7 +5,7 @@
 # - a key given twice in one call is charged once;
 # - a backend that still points at a bucket dropped since (and its memory
 #   given to another key) finds it gone, and charges nothing of the other
-#   key's.
+#   key's, nor waits on itself when it names that key in the same call.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -70,7 +70,7 @@ is($err, '', 'and no scan is left open');
 # from other sessions, fifteen quota keys (busy once charged) and fast:z
 # take the table: every fast key before them is dropped, fast:a too, and
 # their memory goes to the new keys.
-my $a = $node->background_psql('postgres');
+my $a = $node->background_psql('postgres', timeout => 60, on_error_stop => 0);
 is($a->query_safe(q{SELECT allowed FROM beat.acquire('{fast:a}')}), 't',
 	'session a is admitted through fast:a');
 usleep(20_000);
@@ -98,6 +98,24 @@ is($node->safe_psql('postgres', q{
 SELECT count(*) FROM beat.limiter_status
 WHERE key LIKE 'quota:%' AND limit_name = 'quota:{{x}}' AND remaining = 9}),
 	'15', 'and every quota key is as it was: its own limit, charged once');
+
+# Session a's pointer to fast:a may come to lead to the bucket of another
+# key it then names in the same call: a must not take that bucket's mutex
+# twice (it would wait on itself for good).  fast:a, idle, is the only key
+# that can go; a key whose hash picks the same free list (the low 5 bits,
+# of 32) gets its memory back at once.
+my $other = $node->safe_psql('postgres', q{
+SELECT k FROM (SELECT 'fast:y' || g AS k FROM generate_series(1, 1000) g) s
+WHERE hashtext(k) & 31 = hashtext('fast:a') & 31 LIMIT 1});
+usleep(20_000);
+$node->safe_psql('postgres', qq{SELECT beat.acquire('{$other}')});
+is($node->safe_psql('postgres',
+	q{SELECT count(*) FROM beat.limiter_status WHERE key = 'fast:a'}),
+	'0', "$other took the place of fast:a");
+usleep(20_000);
+$a->query(qq{SELECT allowed FROM beat.acquire('{fast:a, $other}')});
+like($a->{stderr}, qr/too many rate limit keys are in use/,
+	'a call naming both returns: no room for two new keys beside fifteen busy ones');
 $a->quit;
 
 # --- a full table of busy keys: an error, and nothing stuck -------------------
