@@ -151,7 +151,8 @@ typedef struct LimitBucket
 		{
 			slock_t		mutex;
 			bool		live;	/* in the table: false once dropped */
-			bool		fresh;	/* made, not yet set up for its limit */
+			uint8		fresh;	/* made, not yet set up for its limit: 1, or
+								 * 2 once a make_room pass has seen it so */
 			uint32		magic;	/* BUCKET_MAGIC: the mutex was initialized */
 			int128		tat;	/* rate: theoretical arrival time, us * limit */
 			int64		not_before; /* beat.penalize: nothing before this (us) */
@@ -166,12 +167,14 @@ typedef struct LimitBucket
 
 #define BUCKET_MAGIC		0x6265617a
 
+#if SIZEOF_VOID_P == 8			/* a 32-bit build works, less well laid out */
 StaticAssertDecl((MAXALIGN(sizeof(HASHELEMENT)) + offsetof(LimitBucket, line)) %
 				 BUCKET_LINE == 0,
 				 "a bucket's mutex must start a cache line");
 StaticAssertDecl((MAXALIGN(sizeof(HASHELEMENT)) + sizeof(LimitBucket)) %
 				 BUCKET_LINE == 0,
 				 "a bucket's element must be whole cache lines");
+#endif
 
 /*
  * A quota bucket in LIMITS_FILE (version 2): the layout buckets had in
@@ -329,7 +332,7 @@ load_limits_file(void)
 		e->window_end = b.window_end;
 		/* whatever the file says was used or reserved, counts as used */
 		e->used = e->durable_mark = b.durable_mark;
-		e->fresh = false;
+		e->fresh = 0;
 		e->live = true;
 	}
 	FreeFile(f);
@@ -707,7 +710,7 @@ bucket_sync(LimitBucket *b, const LimitDef *d, int64 now, const int64 *window)
 	if (b->fresh || b->kind != d->kind || b->limit_created != d->created ||
 		strcmp(b->limit_name, d->name) != 0)
 	{
-		b->fresh = false;
+		b->fresh = 0;
 		b->durable_mark = 0;
 		b->not_before = 0;
 		b->used = 0;
@@ -886,9 +889,19 @@ make_room(int need, int64 now)
 		{
 			bool		idle;
 
-			/* a backend may still point at it: it finds it dead */
+			/*
+			 * A backend may still point at it: it finds it dead.  One just
+			 * made is about to be set up by the call that made it: it goes
+			 * only if a pass has seen it so before (that call failed).
+			 */
 			SpinLockAcquire(&b->mutex);
-			idle = b->fresh || bucket_idle(b, now);
+			if (b->fresh == 1)
+			{
+				b->fresh = 2;
+				idle = false;
+			}
+			else
+				idle = b->fresh == 2 || bucket_idle(b, now);
 			if (idle)
 				b->live = false;
 			SpinLockRelease(&b->mutex);
@@ -1024,7 +1037,7 @@ bucket_get(const char *key, uint32 hash)
 				b->magic = BUCKET_MAGIC;
 			}
 			SpinLockAcquire(&b->mutex);
-			b->fresh = true;
+			b->fresh = 1;
 			b->live = true;
 			SpinLockRelease(&b->mutex);
 		}
@@ -1546,8 +1559,9 @@ beat_penalize(PG_FUNCTION_ARGS)
 	const LimitDef *d;
 	uint32		hash;
 	LimitBucket *b;
-	int64		now = limiter_now();
+	int64		now;
 	int64		window[2] = {0, 0};
+	bool		have_window = false;
 
 	beat_require(fcinfo, 0, "key");
 	beat_require(fcinfo, 1, "until");
@@ -1569,15 +1583,14 @@ beat_penalize(PG_FUNCTION_ARGS)
 				 errmsg("no rate limit matches key \"%s\"", key),
 				 errhint("Define one with beat.set_limit().")));
 
-	if (d->kind == LIMIT_QUOTA)
-		quota_window(d, now, &window[0], &window[1]);
+	/* the time read under the mutex, as in beat_limiter_try */
 	hash = get_hash_value(buckets, key);
 	for (;;)
 	{
 		b = cache_find(key, hash);
 		if (b == NULL && (b = bucket_get(key, hash)) == NULL)
 		{
-			if (!make_room(1, now))
+			if (!make_room(1, limiter_now()))
 				ereport(ERROR,
 						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
 						 errmsg("too many rate limit keys are in use"),
@@ -1585,16 +1598,25 @@ beat_penalize(PG_FUNCTION_ARGS)
 			continue;
 		}
 		SpinLockAcquire(&b->mutex);
-		if (b->live && strcmp(b->key, key) == 0)
+		if (!b->live || strcmp(b->key, key) != 0)
 		{
-			(void) bucket_sync(b, d, now, window);
-			if (until > b->not_before)
-				b->not_before = until;
 			SpinLockRelease(&b->mutex);
-			PG_RETURN_VOID();
+			cache_forget(key, hash);
+			continue;
 		}
+		now = limiter_now();
+		if (!bucket_sync(b, d, now, have_window ? window : NULL))
+		{
+			/* a quota entered a new window: compute it unlocked, start over */
+			SpinLockRelease(&b->mutex);
+			quota_window(d, now, &window[0], &window[1]);
+			have_window = true;
+			continue;
+		}
+		if (until > b->not_before)
+			b->not_before = until;
 		SpinLockRelease(&b->mutex);
-		cache_forget(key, hash);
+		PG_RETURN_VOID();
 	}
 }
 
