@@ -679,11 +679,26 @@ quota_window(const LimitDef *d, int64 t, int64 *start, int64 *end)
 	Datum		u = CStringGetTextDatum(unit[d->window]);
 	Datum		zone = CStringGetTextDatum(d->time_zone);
 
-	*start = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_trunc_zone, u,
-													 TimestampTzGetDatum(t), zone));
-	*end = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_trunc_zone, u,
-												   TimestampTzGetDatum(*start + span[d->window]),
-												   zone));
+#define TRUNC(x) DatumGetTimestampTz(DirectFunctionCall3(timestamptz_trunc_zone, u, \
+														 TimestampTzGetDatum(x), zone))
+	*start = TRUNC(t);
+
+	/*
+	 * A boundary in an hour the zone lives twice (clocks going back) is
+	 * its later instant, which can be after t: t, in the first of the two
+	 * hours, then belongs to the window before, which ends there.  Half a
+	 * span back is well inside that window.
+	 */
+	if (*start > t)
+		*start = TRUNC(t - span[d->window] / 2);
+	*end = TRUNC(*start + span[d->window]);
+#undef TRUNC
+	pfree(DatumGetPointer(u));
+	pfree(DatumGetPointer(zone));
+
+	/* never a window without t in it: a check would ask for one for ever */
+	*start = Min(*start, t);
+	*end = Max(*end, t + 1);
 }
 
 /* Ceiling of a / b for a >= 0, b > 0; past what 64 bits hold, the most. */

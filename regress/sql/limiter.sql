@@ -238,6 +238,22 @@ SELECT (beat.set_limit('q:twice', 3, quota => 'day')).name;
 SELECT allowed FROM beat.acquire('{q:twice, q:twice}');
 SELECT allowed, remaining FROM beat.peek('{q:twice}');
 
+-- A day whose midnight comes twice (the Azores put their clocks back from
+-- 01:00 to 00:00 on 2025-10-26, at 01:00 UTC): the first hour after
+-- midnight still counts toward the day before, whose window ends at the
+-- second midnight, 01:00 UTC; a check and a penalty there return.
+SELECT (beat.set_limit('q:azores', 3, quota => 'day', time_zone => 'Atlantic/Azores')).name;
+SET beat.limiter_clock = '2025-10-25 12:00:00+00';
+SELECT allowed, remaining FROM beat.acquire('{q:azores}');
+SET beat.limiter_clock = '2025-10-26 00:30:00+00';
+SELECT allowed, remaining, reset_after FROM beat.acquire('{q:azores}');
+SELECT beat.penalize('q:azores', '2025-10-26 00:40:00+00');
+SELECT remaining, reset_at FROM beat.limiter_status WHERE key = 'q:azores';
+SET beat.limiter_clock = '2025-10-26 01:30:00+00';
+SELECT allowed, remaining, reset_after FROM beat.acquire('{q:azores}');
+SELECT reset_at FROM beat.limiter_status WHERE key = 'q:azores';
+SET beat.limiter_clock = '2026-03-11 00:00:30+00';
+
 -- Dropping a limit leaves its keys unknown.
 SELECT beat.drop_limit('r:change');
 SELECT pg_temp.err($$SELECT beat.acquire('{r:change}')$$);
