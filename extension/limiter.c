@@ -199,6 +199,14 @@ typedef struct LimitFileEntry
 	int64		durable_mark;
 } LimitFileEntry;
 
+#if SIZEOF_VOID_P == 8
+/* what earlier builds of x86-64 and ARM64 wrote: a change loses every quota */
+StaticAssertDecl(sizeof(LimitFileEntry) == 360 &&
+				 offsetof(LimitFileEntry, tat) == 304 &&
+				 offsetof(LimitFileEntry, durable_mark) == 352,
+				 "the quota file's entries must keep their layout");
+#endif
+
 /* What was decided for one key. */
 typedef struct Decision
 {
