@@ -199,6 +199,11 @@ typedef struct LimitFileEntry
 	int64		durable_mark;
 } LimitFileEntry;
 
+/* the fields of an entry besides its key and limit name, as a bucket has them */
+#define LIMIT_FILE_FIELDS(X) \
+	X(limit_created) X(kind) X(limit) X(period_us) X(burst) X(window) \
+	X(tat) X(not_before) X(window_start) X(window_end) X(used) X(durable_mark)
+
 #if SIZEOF_VOID_P == 8
 /* what earlier builds of x86-64 and ARM64 wrote: a change loses every quota */
 StaticAssertDecl(sizeof(LimitFileEntry) == 360 &&
@@ -328,18 +333,11 @@ load_limits_file(void)
 			e->magic = BUCKET_MAGIC;
 		}
 		strlcpy(e->limit_name, b.limit_name, BEAT_KEY_MAX);
-		e->limit_created = b.limit_created;
-		e->kind = b.kind;
-		e->limit = b.limit;
-		e->period_us = b.period_us;
-		e->burst = b.burst;
-		e->window = b.window;
-		e->tat = b.tat;
-		e->not_before = b.not_before;
-		e->window_start = b.window_start;
-		e->window_end = b.window_end;
+#define FROM_FILE(f) e->f = b.f;
+		LIMIT_FILE_FIELDS(FROM_FILE)
+#undef FROM_FILE
 		/* whatever the file says was used or reserved, counts as used */
-		e->used = e->durable_mark = b.durable_mark;
+		e->used = e->durable_mark;
 		e->fresh = 0;
 		e->live = true;
 	}
@@ -375,18 +373,9 @@ write_limits_file(const LimitBucket *snap, int32 count)
 		memset(&e, 0, sizeof(e));
 		strlcpy(e.key, b->key, BEAT_KEY_MAX);
 		strlcpy(e.limit_name, b->limit_name, BEAT_KEY_MAX);
-		e.limit_created = b->limit_created;
-		e.kind = b->kind;
-		e.limit = b->limit;
-		e.period_us = b->period_us;
-		e.burst = b->burst;
-		e.window = b->window;
-		e.tat = b->tat;
-		e.not_before = b->not_before;
-		e.window_start = b->window_start;
-		e.window_end = b->window_end;
-		e.used = b->used;
-		e.durable_mark = b->durable_mark;
+#define TO_FILE(f) e.f = b->f;
+		LIMIT_FILE_FIELDS(TO_FILE)
+#undef TO_FILE
 		ok = fwrite(&e, sizeof(e), 1, f) == 1;
 	}
 	if (!ok || fflush(f) != 0 || pg_fsync(fileno(f)) != 0)
@@ -411,12 +400,12 @@ write_limits_file(const LimitBucket *snap, int32 count)
  * Copy the buckets (only the quotas, when quotas_only) into *snap, palloc'd
  * here (huge if need be); return how many.  Takes every partition lock,
  * and each bucket's mutex in turn; the caller holds none.  A bucket made
- * but not yet set up for its limit is left out.  The table can hold more than max_keys (two
- * backends in different partitions may both take the last free key, and
- * the quota file loads whatever it holds), so the buffer is sized by the
- * count under the locks, and allocated without them.  With exact, the
- * copies carry their counts as marks, and the marks in memory come down
- * to the counts too.
+ * but not yet set up for its limit is left out.  The table can hold more
+ * than max_keys (two backends in different partitions may both take the
+ * last free key, and the quota file loads whatever it holds), so the
+ * buffer is sized by the count under the locks, and allocated without
+ * them.  With exact, the copies carry their counts as marks, and the
+ * marks in memory come down to the counts too.
  */
 static int32
 snapshot(LimitBucket **snap, bool quotas_only, bool exact)
@@ -722,8 +711,8 @@ ceil_div(int128 a, int64 b)
  * Bring a bucket in line with its definition and the time: a new bucket
  * starts whole; changed settings take effect at once (a rate keeps the
  * units it owes, paid at the new rate; a quota keeps its count); a quota
- * in a new window starts at zero.  Runs under the bucket's mutex: a quota that
- * needs its window for now gets it in window ([start, end)); without one,
+ * in a new window starts at zero.  Runs under the bucket's mutex: a quota
+ * that needs its window for now gets it in window ([start, end)); without one,
  * or with one that does not hold now, it returns false and the caller
  * computes it with the lock released.
  */
