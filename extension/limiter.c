@@ -1066,6 +1066,124 @@ bucket_get(const char *key, uint32 hash)
 	return b;
 }
 
+/* Release what lock_buckets below took. */
+static void
+unlock_buckets(LimitBucket **b, const int *order, int nkeys)
+{
+	for (int i = nkeys - 1; i >= 0; i--)
+		SpinLockRelease(&b[order[i]]->mutex);
+}
+
+/*
+ * Lock the buckets of keys (met before, found, or made), each mutex once,
+ * in address order; each still its key's and brought in line with its
+ * definition at *now, which is read under the locks.  b holds this
+ * backend's pointers for the keys (NULL: none yet) and is kept up to date;
+ * order gets the locking order, for unlock_buckets.  A full table raises,
+ * or with error given returns false, nothing locked, with *error set.
+ */
+static bool
+lock_buckets(const char *const *keys, const uint32 *hashes,
+			 const LimitDef *const *kdefs, int nkeys, LimitBucket **b,
+			 int *order, int64 *now, char **error)
+{
+	int64		windows[BEAT_MAX_STACKED_KEYS][2];
+	bool		have_window[BEAT_MAX_STACKED_KEYS] = {false};
+
+	for (;;)
+	{
+		bool		dropped[BEAT_MAX_STACKED_KEYS];
+		bool		full = false;
+		bool		stale = false;
+		int			need_window = -1;
+
+		/* the buckets this backend has not met yet, found or made */
+		for (int i = 0; i < nkeys && !full; i++)
+			if (b[i] == NULL && (b[i] = bucket_get(keys[i], hashes[i])) == NULL)
+				full = true;
+		if (full)
+		{
+			bool		room = make_room(nkeys, limiter_now());
+
+			if (!room && error)
+			{
+				*error = psprintf("too many rate limit keys are in use (beat.limiter_max_keys is %d)",
+								  limiter->max_keys);
+				return false;
+			}
+			if (!room)
+				ereport(ERROR,
+						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+						 errmsg("too many rate limit keys are in use"),
+						 errdetail("All %d keys are busy; none is idle enough to drop.",
+								   limiter->max_keys),
+						 errhint("Raise beat.limiter_max_keys.")));
+			continue;
+		}
+
+		/* their mutexes, in address order (at most 16: insertion sort) */
+		for (int i = 0; i < nkeys; i++)
+		{
+			int			j = i;
+
+			for (; j > 0 && b[order[j - 1]] > b[i]; j--)
+				order[j] = order[j - 1];
+			order[j] = i;
+		}
+
+		/*
+		 * A pointer met before may lead to a bucket dropped since and made
+		 * again for another of these keys: never take a mutex twice.  Look
+		 * them all up again.
+		 */
+		for (int i = 1; i < nkeys && !stale; i++)
+			stale = b[order[i]] == b[order[i - 1]];
+		if (stale)
+		{
+			for (int i = 0; i < nkeys; i++)
+			{
+				cache_forget(keys[i], hashes[i]);
+				b[i] = NULL;
+			}
+			continue;
+		}
+
+		for (int i = 0; i < nkeys; i++)
+			SpinLockAcquire(&b[order[i]]->mutex);
+
+		/* a bucket dropped since this backend met it is dead, or another key's */
+		for (int i = 0; i < nkeys; i++)
+		{
+			dropped[i] = !b[i]->live || strcmp(b[i]->key, keys[i]) != 0;
+			if (dropped[i])
+				stale = true;
+		}
+
+		*now = limiter_now();
+		for (int i = 0; i < nkeys && !stale && need_window < 0; i++)
+			if (!bucket_sync(b[i], kdefs[i], *now, have_window[i] ? windows[i] : NULL))
+				need_window = i;
+		if (!stale && need_window < 0)
+			return true;
+
+		unlock_buckets(b, order, nkeys);
+		if (stale)
+		{
+			for (int i = 0; i < nkeys; i++)
+				if (dropped[i])
+				{
+					cache_forget(keys[i], hashes[i]);
+					b[i] = NULL;
+				}
+			continue;
+		}
+		/* a quota entered a new window: compute it unlocked, start over */
+		quota_window(kdefs[need_window], *now, &windows[need_window][0],
+					 &windows[need_window][1]);
+		have_window[need_window] = true;
+	}
+}
+
 /*
  * The limiter itself: decide cost for every key at once, and charge all
  * of them (mode BEAT_CHARGE) or none, or only look (BEAT_PEEK), or give
@@ -1157,8 +1275,6 @@ beat_limiter_try(const char *const *given, int ngiven, int64 cost, BeatLimiterMo
 	uint32		hashes[BEAT_MAX_STACKED_KEYS];
 	LimitBucket *b[BEAT_MAX_STACKED_KEYS];
 	int64		now;
-	int64		windows[BEAT_MAX_STACKED_KEYS][2];
-	bool		have_window[BEAT_MAX_STACKED_KEYS] = {false};
 
 	memset(&result, 0, sizeof(result));
 	result.allowed = true;
@@ -1195,138 +1311,50 @@ beat_limiter_try(const char *const *given, int ngiven, int64 cost, BeatLimiterMo
 	for (;;)
 	{
 		int			order[BEAT_MAX_STACKED_KEYS];
-		bool		dropped[BEAT_MAX_STACKED_KEYS];
-		bool		full = false;
-		bool		stale = false;
 		bool		need_mark = false;
-		int			need_window = -1;
 
-		/* the buckets this backend has not met yet, found or made */
-		for (int i = 0; i < nkeys && !full; i++)
-			if (b[i] == NULL && (b[i] = bucket_get(keys[i], hashes[i])) == NULL)
-				full = true;
-		if (full)
+		if (!lock_buckets(keys, hashes, kdefs, nkeys, b, order, &now, error))
 		{
-			bool		room = make_room(nkeys, limiter_now());
+			result.allowed = false;
+			return result;
+		}
 
-			if (!room && error)
+		memset(&result, 0, sizeof(result));
+		result.allowed = true;
+		result.remaining = PG_INT64_MAX;
+		for (int i = 0; i < nkeys; i++)
+		{
+			Decision	d = bucket_decide(b[i], cost, now);
+
+			if (!d.allowed && (result.allowed || d.retry_us > result.retry_us))
 			{
-				*error = psprintf("too many rate limit keys are in use (beat.limiter_max_keys is %d)",
-								  limiter->max_keys);
+				result.retry_us = d.retry_us;
+				result.blocking_key = keys[i];
+			}
+			if (!d.allowed)
 				result.allowed = false;
-				return result;
-			}
-			if (!room)
-				ereport(ERROR,
-						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-						 errmsg("too many rate limit keys are in use"),
-						 errdetail("All %d keys are busy; none is idle enough to drop.",
-								   limiter->max_keys),
-						 errhint("Raise beat.limiter_max_keys.")));
-			continue;
+			if (d.remaining < result.remaining)
+				result.remaining = d.remaining;
+			if (d.reset_us > result.reset_us)
+				result.reset_us = d.reset_us;
+			if (result.allowed && mode == BEAT_CHARGE &&
+				b[i]->kind == LIMIT_QUOTA &&
+				b[i]->used + cost > b[i]->durable_mark)
+				need_mark = true;
 		}
-
-		/* their mutexes, in address order (at most 16: insertion sort) */
-		for (int i = 0; i < nkeys; i++)
-		{
-			int			j = i;
-
-			for (; j > 0 && b[order[j - 1]] > b[i]; j--)
-				order[j] = order[j - 1];
-			order[j] = i;
-		}
-
-		/*
-		 * A pointer met before may lead to a bucket dropped since and made
-		 * again for another of these keys: never take a mutex twice.  Look
-		 * them all up again.
-		 */
-		for (int i = 1; i < nkeys && !stale; i++)
-			stale = b[order[i]] == b[order[i - 1]];
-		if (stale)
+		if (mode == BEAT_REFUND)
 		{
 			for (int i = 0; i < nkeys; i++)
-			{
-				cache_forget(keys[i], hashes[i]);
-				b[i] = NULL;
-			}
-			continue;
-		}
-
-		for (int i = 0; i < nkeys; i++)
-			SpinLockAcquire(&b[order[i]]->mutex);
-
-		/* a bucket dropped since this backend met it is dead, or another key's */
-		for (int i = 0; i < nkeys; i++)
-		{
-			dropped[i] = !b[i]->live || strcmp(b[i]->key, keys[i]) != 0;
-			if (dropped[i])
-				stale = true;
-		}
-
-		now = limiter_now();
-		for (int i = 0; i < nkeys && !stale && need_window < 0; i++)
-			if (!bucket_sync(b[i], kdefs[i], now, have_window[i] ? windows[i] : NULL))
-				need_window = i;
-
-		if (!stale && need_window < 0)
-		{
-			memset(&result, 0, sizeof(result));
+				bucket_refund(b[i], cost, now);
 			result.allowed = true;
-			result.remaining = PG_INT64_MAX;
+			result.blocking_key = NULL;
+		}
+		else if (result.allowed && mode == BEAT_CHARGE && !need_mark)
 			for (int i = 0; i < nkeys; i++)
-			{
-				Decision	d = bucket_decide(b[i], cost, now);
+				bucket_charge(b[i], cost, now);
 
-				if (!d.allowed && (result.allowed || d.retry_us > result.retry_us))
-				{
-					result.retry_us = d.retry_us;
-					result.blocking_key = keys[i];
-				}
-				if (!d.allowed)
-					result.allowed = false;
-				if (d.remaining < result.remaining)
-					result.remaining = d.remaining;
-				if (d.reset_us > result.reset_us)
-					result.reset_us = d.reset_us;
-				if (result.allowed && mode == BEAT_CHARGE &&
-					b[i]->kind == LIMIT_QUOTA &&
-					b[i]->used + cost > b[i]->durable_mark)
-					need_mark = true;
-			}
-			if (mode == BEAT_REFUND)
-			{
-				for (int i = 0; i < nkeys; i++)
-					bucket_refund(b[i], cost, now);
-				result.allowed = true;
-				result.blocking_key = NULL;
-			}
-			else if (result.allowed && mode == BEAT_CHARGE && !need_mark)
-				for (int i = 0; i < nkeys; i++)
-					bucket_charge(b[i], cost, now);
-		}
+		unlock_buckets(b, order, nkeys);
 
-		for (int i = nkeys - 1; i >= 0; i--)
-			SpinLockRelease(&b[order[i]]->mutex);
-
-		if (stale)
-		{
-			for (int i = 0; i < nkeys; i++)
-				if (dropped[i])
-				{
-					cache_forget(keys[i], hashes[i]);
-					b[i] = NULL;
-				}
-			continue;
-		}
-		if (need_window >= 0)
-		{
-			/* a quota entered a new window: compute it unlocked, start over */
-			quota_window(kdefs[need_window], now, &windows[need_window][0],
-						 &windows[need_window][1]);
-			have_window[need_window] = true;
-			continue;
-		}
 		if (need_mark && result.allowed && mode == BEAT_CHARGE)
 		{
 			raise_marks(cost);
@@ -1571,9 +1599,8 @@ beat_penalize(PG_FUNCTION_ARGS)
 	const LimitDef *d;
 	uint32		hash;
 	LimitBucket *b;
+	int			order;
 	int64		now;
-	int64		window[2] = {0, 0};
-	bool		have_window = false;
 
 	beat_require(fcinfo, 0, "key");
 	beat_require(fcinfo, 1, "until");
@@ -1595,41 +1622,13 @@ beat_penalize(PG_FUNCTION_ARGS)
 				 errmsg("no rate limit matches key \"%s\"", key),
 				 errhint("Define one with beat.set_limit().")));
 
-	/* the time read under the mutex, as in beat_limiter_try */
 	hash = get_hash_value(buckets, key);
-	for (;;)
-	{
-		b = cache_find(key, hash);
-		if (b == NULL && (b = bucket_get(key, hash)) == NULL)
-		{
-			if (!make_room(1, limiter_now()))
-				ereport(ERROR,
-						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-						 errmsg("too many rate limit keys are in use"),
-						 errhint("Raise beat.limiter_max_keys.")));
-			continue;
-		}
-		SpinLockAcquire(&b->mutex);
-		if (!b->live || strcmp(b->key, key) != 0)
-		{
-			SpinLockRelease(&b->mutex);
-			cache_forget(key, hash);
-			continue;
-		}
-		now = limiter_now();
-		if (!bucket_sync(b, d, now, have_window ? window : NULL))
-		{
-			/* a quota entered a new window: compute it unlocked, start over */
-			SpinLockRelease(&b->mutex);
-			quota_window(d, now, &window[0], &window[1]);
-			have_window = true;
-			continue;
-		}
-		if (until > b->not_before)
-			b->not_before = until;
-		SpinLockRelease(&b->mutex);
-		PG_RETURN_VOID();
-	}
+	b = cache_find(key, hash);
+	(void) lock_buckets((const char *const *) &key, &hash, &d, 1, &b, &order, &now, NULL);
+	if (until > b->not_before)
+		b->not_before = until;
+	unlock_buckets(&b, &order, 1);
+	PG_RETURN_VOID();
 }
 
 /* beat.limiter_status_rows(): every live key and what it admits now. */
