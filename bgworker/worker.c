@@ -953,12 +953,16 @@ claim_and_start(int n, TimestampTz *next_due)
 	if (claimed < n && *next_due == 0)
 	{
 		Datum		ms;
+		int			nest;
 
+		/* through task_waiting_idx, however big beat.task was when planned */
+		nest = beat_index_plans_begin();
 		beat_prepare(&plan_next_due,
 					 "SELECT (extract(epoch FROM min(run_at) - clock_timestamp()) * 1000)::float8"
 					 " FROM beat.task WHERE flow = $1 AND state IN ('scheduled', 'failed')",
 					 1, argtypes);
 		beat_execute(plan_next_due, values, " ", SPI_OK_SELECT);
+		beat_index_plans_end(nest);
 		ms = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 		if (!isnull)
 			*next_due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),

@@ -117,6 +117,8 @@ extern void beat_register_launcher(void);
 extern char *beat_worker_name(const char *flow, int index, int pid);
 
 /* util.c: saved plans and argument checks */
+extern int	beat_index_plans_begin(void);
+extern void beat_index_plans_end(int nest);
 extern SPIPlanPtr beat_prepare(SPIPlanPtr *cache, const char *sql,
 							   int nargs, Oid *argtypes);
 extern SPIPlanPtr beat_prepare_opts(SPIPlanPtr *cache, const char *sql,

@@ -41,7 +41,6 @@
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
-#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
@@ -1009,9 +1008,7 @@ beat_claim(PG_FUNCTION_ARGS)
 	 * through an index.  (A user's trigger on beat.task would run in this
 	 * nest level too, and plan with the same setting.)
 	 */
-	nest = NewGUCNestLevel();
-	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
+	nest = beat_index_plans_begin();
 	promote_due(values[0]);
 	beat_prepare_opts(&plan_claim,
 				 "WITH u AS ("
@@ -1033,7 +1030,7 @@ beat_claim(PG_FUNCTION_ARGS)
 				 ") SELECT * FROM u ORDER BY priority, run_at, id",
 				 4, argtypes, CURSOR_OPT_GENERIC_PLAN);
 	beat_execute(plan_claim, values, nulls, SPI_OK_SELECT);
-	AtEOXact_GUC(true, nest);
+	beat_index_plans_end(nest);
 	if (SPI_processed == 0)
 	{
 		/* an unknown flow raises; a paused or empty one returns no rows */
@@ -1365,13 +1362,20 @@ beat_reap(PG_FUNCTION_ARGS)
 	bool		isnull;
 	int64		requeued;
 	int64		dead;
+	int			nest;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "pg_beat: reap must return a record");
 	tupdesc = BlessTupleDesc(tupdesc);
 
-	/* Rows a live transaction holds are skipped: that worker is not dead. */
+	/*
+	 * Rows a live transaction holds are skipped: that worker is not dead.
+	 * The launcher calls this every beat.reaper_interval, with a plan it
+	 * keeps for good: made with sequential scans off, it reads the few
+	 * running tasks through task_lease_idx, not the whole table.
+	 */
 	beat_spi_connect();
+	nest = beat_index_plans_begin();
 	beat_prepare(&plan_reap,
 				 "WITH x AS ("
 				 "  UPDATE beat.task t SET"
@@ -1390,6 +1394,7 @@ beat_reap(PG_FUNCTION_ARGS)
 				 "  count(*) FILTER (WHERE state = 'dead') FROM x",
 				 0, NULL);
 	beat_execute(plan_reap, NULL, NULL, SPI_OK_SELECT);
+	beat_index_plans_end(nest);
 	/* read out before SPI frees the row (int8 is by reference on 32-bit) */
 	requeued = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	dead = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));

@@ -13,6 +13,7 @@
 
 #include "executor/spi.h"
 #include "utils/array.h"
+#include "utils/guc.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/timestamp.h"
@@ -55,6 +56,34 @@ beat_execute(SPIPlanPtr plan, Datum *values, const char *nulls, int expected)
 	if (rc != expected)
 		elog(ERROR, "pg_beat: SPI_execute_plan returned %s",
 			 SPI_result_code_string(rc));
+}
+
+/*
+ * Plans that must go through an index whatever size beat.task had when
+ * they were made.  A saved plan made while the table was empty (at a
+ * backend's first call, or just after a TRUNCATE) reads the whole table
+ * with a sequential scan, and keeps doing so until the next ANALYZE; on a
+ * queue a bulk load ahead of autovacuum that can be every call of the
+ * reaper, once a second.  So such plans are made, and run (the plan
+ * cache may make them again when they are run), with sequential scans
+ * off: between beat_index_plans_begin() and beat_index_plans_end(nest).
+ * An error in between needs nothing: the end of the transaction (or
+ * subtransaction) restores the setting.
+ */
+int
+beat_index_plans_begin(void)
+{
+	int			nest = NewGUCNestLevel();
+
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	return nest;
+}
+
+void
+beat_index_plans_end(int nest)
+{
+	AtEOXact_GUC(true, nest);
 }
 
 /* Connect to SPI or fail. */

@@ -411,10 +411,12 @@ SELECT array_agg(params->>'t' ORDER BY params->>'t') AS trigger_saw FROM pg_temp
 
 -- Promote and claim keep one generic plan per session, made with
 -- sequential scans off: made while beat.task is empty, it still goes
--- through the indexes once the table holds 3,000 tasks.
+-- through the indexes once the table holds 3,000 tasks.  So does reap,
+-- which the launcher calls every second.
 SELECT count(*) FROM beat.create_flow('qs', workers => 0);
 TRUNCATE beat.task;
 SELECT count(*) FROM beat.claim('qs', 'w-plan', 10);
+SELECT * FROM beat.reap();
 SELECT count(*) FROM beat.enqueue_batch('qs', (SELECT array_agg('{}'::jsonb) FROM generate_series(1, 3000)));
 SELECT pg_stat_force_next_flush();
 SELECT seq_scan AS seq0 FROM pg_stat_user_tables WHERE relid = 'beat.task'::regclass \gset
@@ -422,5 +424,9 @@ SELECT count(*) FROM beat.claim('qs', 'w-plan', 10);
 SELECT count(*) FROM beat.claim('qs', 'w-plan', 10);
 SELECT pg_stat_force_next_flush();
 SELECT seq_scan - :seq0 AS claim_seq_scans FROM pg_stat_user_tables WHERE relid = 'beat.task'::regclass;
+SELECT * FROM beat.reap();
+SELECT * FROM beat.reap();
+SELECT pg_stat_force_next_flush();
+SELECT seq_scan - :seq0 AS reap_seq_scans FROM pg_stat_user_tables WHERE relid = 'beat.task'::regclass;
 
 DROP EXTENSION pg_beat;
