@@ -930,11 +930,13 @@ claim_and_start(int n, TimestampTz *next_due)
 		{
 			Oid			types[4] = {INT8ARRAYOID, FLOAT8ARRAYOID, TEXTOID, TEXTARRAYOID};
 			Datum		args[4];
+			int			nest;
 
 			args[0] = beat_make_array(refused_ids, NULL, nrefused, INT8OID);
 			args[1] = beat_make_array(refused_wait, NULL, nrefused, FLOAT8OID);
 			args[2] = values[1];
 			args[3] = beat_make_array(refused_why, why_nulls, nrefused, TEXTOID);
+			nest = beat_batch_plans_begin();
 			beat_prepare(&plan_limited,
 						 "UPDATE beat.task t SET state = 'scheduled',"
 						 " run_at = statement_timestamp() + make_interval(secs => r.wait),"
@@ -943,9 +945,10 @@ claim_and_start(int n, TimestampTz *next_due)
 						 " lease_owner = NULL, lease_expires_at = NULL,"
 						 " updated_at = statement_timestamp()"
 						 " FROM unnest($1, $2, $4) AS r(id, wait, why)"
-						 " WHERE t.id = r.id AND t.state = 'running' AND t.lease_owner = $3",
+						 " WHERE t.id = ANY ($1) AND t.id = r.id AND " HELD_BY("$3"),
 						 4, types);
 			beat_execute(plan_limited, args, "    ", SPI_OK_UPDATE);
+			beat_index_plans_end(nest);
 			*next_due = GetCurrentTimestamp() + soonest;
 		}
 	}
@@ -1695,6 +1698,7 @@ record_finished(void)
 		uint64		nupdated;
 		uint64		nsucceeded = 0;
 		bool		isnull;
+		int			nest;
 		int			f = 0;
 
 		for (i = 0; i < n; i++)
@@ -1726,6 +1730,7 @@ record_finished(void)
 		 * due after the backoff, or dead when out of attempts.  permanent:
 		 * dead.
 		 */
+		nest = beat_batch_plans_begin();
 		beat_prepare(&plan_record,
 					 "UPDATE beat.task t SET"
 					 " state = CASE WHEN r.outcome = 'ok' THEN 'succeeded'::beat.task_state"
@@ -1752,11 +1757,12 @@ record_finished(void)
 					 " FROM unnest($1, $2, $3, $4, $5, $7, $8)"
 					 "   AS r(id, outcome, result, error, wait, provider, credential_id),"
 					 "   beat.flow f"
-					 " WHERE t.id = r.id AND f.name = t.flow AND t.state = 'running'"
-					 "   AND t.lease_owner = $6"
+					 " WHERE t.id = ANY ($1) AND t.id = r.id AND f.name = t.flow"
+					 "   AND " HELD_BY("$6")
 					 " RETURNING t.id, t.state::text",
 					 8, argtypes);
 		beat_execute(plan_record, values, "        ", SPI_OK_UPDATE_RETURNING);
+		beat_index_plans_end(nest);
 
 		/* what was not updated had lost its lease (ids are unique here) */
 		nupdated = SPI_processed;
@@ -1821,7 +1827,7 @@ record_finished(void)
 						 "UPDATE beat.task t SET lease_expires_at ="
 						 " greatest(t.lease_expires_at, statement_timestamp() + f.lease)"
 						 " FROM beat.flow f"
-						 " WHERE t.id = ANY ($1) AND t.state = 'running' AND t.lease_owner = $2"
+						 " WHERE t.id = ANY ($1) AND " HELD_BY("$2")
 						 "   AND f.name = t.flow",
 						 2, types);
 			beat_execute(plan_extend, args, NULL, SPI_OK_UPDATE);
@@ -2105,11 +2111,11 @@ hand_back_inflight(void)
 	beat_spi_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	beat_prepare(&plan_hand_back,
-				 "UPDATE beat.task SET state = 'pending',"
-				 " attempts = greatest(attempts - 1, 0),"
+				 "UPDATE beat.task t SET state = 'pending',"
+				 " attempts = greatest(t.attempts - 1, 0),"
 				 " lease_owner = NULL, lease_expires_at = NULL,"
 				 " updated_at = statement_timestamp()"
-				 " WHERE id = ANY ($1) AND state = 'running' AND lease_owner = $2",
+				 " WHERE t.id = ANY ($1) AND " HELD_BY("$2"),
 				 2, argtypes);
 	beat_execute(plan_hand_back, values, "  ", SPI_OK_UPDATE);
 	if (SPI_processed > 0)

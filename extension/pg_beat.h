@@ -118,6 +118,7 @@ extern char *beat_worker_name(const char *flow, int index, int pid);
 
 /* util.c: saved plans and argument checks */
 extern int	beat_index_plans_begin(void);
+extern int	beat_batch_plans_begin(void);
 extern void beat_index_plans_end(int nest);
 extern SPIPlanPtr beat_prepare(SPIPlanPtr *cache, const char *sql,
 							   int nargs, Oid *argtypes);
@@ -155,6 +156,19 @@ extern Datum beat_column_array(const BeatColumn *c, int n);
 /* The states in which a task still has work ahead of it, and the final ones. */
 #define LIVE_STATES "('pending', 'scheduled', 'running', 'failed')"
 #define DONE_STATES "('succeeded', 'dead', 'cancelled')"
+
+/*
+ * "The task is running and this worker holds its lease", over beat.task t,
+ * for statements that name their tasks by id.  The table's CHECK makes a
+ * row with a lease_owner and a lease_expires_at a running one, so this is
+ * state = 'running' AND t.lease_owner = owner, written so that no index
+ * but the primary key serves it.  Said with state = 'running', the
+ * planner may read all of task_lease_idx (whose predicate that is) and
+ * filter by id instead: statistics taken when few tasks ran make that
+ * index look tiny, and every complete then read every running task.
+ */
+#define HELD_BY(owner) \
+	"t.lease_owner = " owner " AND t.lease_expires_at IS NOT NULL"
 
 /*
  * The retry delay in SQL, over beat.task t and beat.flow f: full jitter,

@@ -1078,10 +1078,10 @@ beat_complete(PG_FUNCTION_ARGS)
 
 	beat_spi_connect();
 	beat_prepare(&plan_complete,
-				 "UPDATE beat.task SET state = 'succeeded', result = $3,"
+				 "UPDATE beat.task t SET state = 'succeeded', result = $3,"
 				 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
 				 " lease_owner = NULL, lease_expires_at = NULL"
-				 " WHERE id = $1 AND state = 'running' AND lease_owner = $2",
+				 " WHERE t.id = $1 AND " HELD_BY("$2"),
 				 3, argtypes);
 	beat_execute(plan_complete, values, nulls, SPI_OK_UPDATE);
 	if (SPI_processed == 0)
@@ -1102,6 +1102,7 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 	Datum	   *ids;
 	bool	   *idnulls;
 	int			n;
+	int			nest;
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_INT64(0);
@@ -1140,15 +1141,17 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 	nulls[2] = PG_ARGISNULL(2) ? 'n' : ' ';
 
 	beat_spi_connect();
+	nest = beat_batch_plans_begin();
 	beat_prepare(&plan_complete_batch,
 				 "UPDATE beat.task t SET state = 'succeeded', result = r.result,"
 				 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
 				 " lease_owner = NULL, lease_expires_at = NULL"
 				 " FROM unnest($1, $3) AS r(id, result)"
-				 " WHERE t.id = r.id AND t.state = 'running' AND t.lease_owner = $2"
+				 " WHERE t.id = ANY ($1) AND t.id = r.id AND " HELD_BY("$2")
 				 " RETURNING t.id",
 				 3, argtypes);
 	beat_execute(plan_complete_batch, values, nulls, SPI_OK_UPDATE_RETURNING);
+	beat_index_plans_end(nest);
 
 	if (SPI_processed != (uint64) n)
 	{
@@ -1213,8 +1216,7 @@ beat_fail(PG_FUNCTION_ARGS)
 				 " last_error = $3, lease_owner = NULL, lease_expires_at = NULL,"
 				 " updated_at = statement_timestamp()"
 				 " FROM beat.flow f"
-				 " WHERE f.name = t.flow AND t.id = $1 AND t.state = 'running'"
-				 "   AND t.lease_owner = $2"
+				 " WHERE f.name = t.flow AND t.id = $1 AND " HELD_BY("$2")
 				 " RETURNING t.state, t.flow",
 				 5, argtypes);
 	beat_execute(plan_fail, values, nulls, SPI_OK_UPDATE_RETURNING);
@@ -1257,8 +1259,7 @@ beat_heartbeat(PG_FUNCTION_ARGS)
 				 "UPDATE beat.task t"
 				 " SET lease_expires_at = statement_timestamp() + coalesce($3, f.lease)"
 				 " FROM beat.flow f"
-				 " WHERE f.name = t.flow AND t.id = $1 AND t.state = 'running'"
-				 "   AND t.lease_owner = $2"
+				 " WHERE f.name = t.flow AND t.id = $1 AND " HELD_BY("$2")
 				 " RETURNING t.lease_expires_at",
 				 3, argtypes);
 	beat_execute(plan_heartbeat, values, nulls, SPI_OK_UPDATE_RETURNING);

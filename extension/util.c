@@ -80,6 +80,23 @@ beat_index_plans_begin(void)
 	return nest;
 }
 
+/*
+ * The same for a statement that joins an array of task ids (and their
+ * results) to beat.task, "t.id = ANY ($1) AND t.id = r.id": nested loops
+ * off too.  A nested loop there ran the array's unnest once per task, or
+ * read a whole index per element, so a batch of n cost n * n; a hash or
+ * merge join costs n.
+ */
+int
+beat_batch_plans_begin(void)
+{
+	int			nest = beat_index_plans_begin();
+
+	(void) set_config_option("enable_nestloop", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	return nest;
+}
+
 void
 beat_index_plans_end(int nest)
 {

@@ -429,4 +429,25 @@ SELECT * FROM beat.reap();
 SELECT pg_stat_force_next_flush();
 SELECT seq_scan - :seq0 AS reap_seq_scans FROM pg_stat_user_tables WHERE relid = 'beat.task'::regclass;
 
+-- complete, complete_batch, heartbeat and fail find their tasks through
+-- the primary key, also in a generic plan made while the statistics say
+-- that no task runs: none reads task_lease_idx, which holds every
+-- running task.
+TRUNCATE beat.task;
+SELECT count(*) FROM beat.enqueue_batch('qs', (SELECT array_agg('{}'::jsonb) FROM generate_series(1, 3000)));
+ANALYZE beat.task;
+CREATE TEMP TABLE held AS SELECT id FROM beat.claim('qs', 'w-idx', 5);
+SET plan_cache_mode = force_generic_plan;
+SELECT pg_stat_force_next_flush();
+SELECT idx_scan AS lease0 FROM pg_stat_user_indexes WHERE indexrelname = 'task_lease_idx' \gset
+SELECT count(beat.heartbeat(id, 'w-idx')) AS heartbeats FROM held;
+SELECT beat.complete(min(id), 'w-idx') FROM held;
+SELECT beat.complete_batch(array_agg(id), 'w-idx')
+FROM (SELECT id FROM held ORDER BY id OFFSET 1 LIMIT 2) h;
+SELECT beat.fail(max(id), 'w-idx', 'test', permanent => true) FROM held;
+SELECT pg_stat_force_next_flush();
+SELECT idx_scan - :lease0 AS lease_idx_scans FROM pg_stat_user_indexes WHERE indexrelname = 'task_lease_idx';
+SELECT state, count(*) FROM beat.task WHERE id IN (SELECT id FROM held) GROUP BY state ORDER BY state;
+RESET plan_cache_mode;
+
 DROP EXTENSION pg_beat;
