@@ -1820,9 +1820,11 @@ record_finished(void)
 		{
 			Oid			types[2] = {INT8ARRAYOID, TEXTOID};
 			Datum		args[2];
+			int			nest;
 
 			args[0] = beat_make_array(hids, NULL, nh, INT8OID);
 			args[1] = CStringGetTextDatum(worker_name);
+			nest = beat_index_plans_begin();
 			beat_prepare(&plan_extend,
 						 "UPDATE beat.task t SET lease_expires_at ="
 						 " greatest(t.lease_expires_at, statement_timestamp() + f.lease)"
@@ -1831,6 +1833,7 @@ record_finished(void)
 						 "   AND f.name = t.flow",
 						 2, types);
 			beat_execute(plan_extend, args, NULL, SPI_OK_UPDATE);
+			beat_index_plans_end(nest);
 		}
 	}
 
@@ -1860,12 +1863,14 @@ record_finished(void)
 			Oid			types[5] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
 			TEXTARRAYOID, INT4ARRAYOID};
 			Datum		args[5];
+			int			nest;
 
 			args[0] = beat_make_array(pids, NULL, npages, INT8OID);
 			args[1] = beat_make_array(pprov, NULL, npages, TEXTOID);
 			args[2] = beat_make_array(pparam, NULL, npages, TEXTOID);
 			args[3] = beat_make_array(pcursor, NULL, npages, TEXTOID);
 			args[4] = beat_make_array(ppage, NULL, npages, INT4OID);
+			nest = beat_batch_plans_begin();
 			beat_prepare(&plan_next_page,
 						 "INSERT INTO beat.task (flow, priority, max_attempts, idempotency_key,"
 						 " params, correlation_id, provider)"
@@ -1873,12 +1878,13 @@ record_finished(void)
 						 "   p.params || jsonb_build_object(n.param, n.cursor, 'page', n.page),"
 						 "   p.correlation_id, n.provider"
 						 " FROM unnest($1, $2, $3, $4, $5) AS n(id, provider, param, cursor, page)"
-						 " JOIN beat.task p ON p.id = n.id"
+						 " JOIN beat.task p ON p.id = n.id AND p.id = ANY ($1)"
 						 " ON CONFLICT (flow, idempotency_key) WHERE idempotency_key IS NOT NULL"
 						 "   AND state IN ('pending', 'scheduled', 'running', 'failed')"
 						 " DO NOTHING",
 						 5, types);
 			beat_execute(plan_next_page, args, "     ", SPI_OK_INSERT);
+			beat_index_plans_end(nest);
 			beat_wake_at_commit(flow_name);
 		}
 	}

@@ -1417,13 +1417,16 @@ beat_purge(PG_FUNCTION_ARGS)
 	char		nulls[2] = " ";
 	bool		isnull;
 	int64		count;
+	int			nest;
 
 	if (PG_ARGISNULL(0))
 		nulls[0] = 'n';
 	else
 		beat_check_interval(PG_GETARG_INTERVAL_P(0), "older_than", true);
 
+	/* the launcher calls this every minute: through task_finished_idx */
 	beat_spi_connect();
+	nest = beat_index_plans_begin();
 	beat_prepare(&plan_purge,
 				 "WITH d AS ("
 				 "  DELETE FROM beat.task t USING beat.flow f"
@@ -1433,6 +1436,7 @@ beat_purge(PG_FUNCTION_ARGS)
 				 ") SELECT count(*) FROM d",
 				 1, argtypes);
 	beat_execute(plan_purge, &v, nulls, SPI_OK_SELECT);
+	beat_index_plans_end(nest);
 	count = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 										SPI_tuptable->tupdesc, 1, &isnull));
 	beat_spi_finish();

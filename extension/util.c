@@ -68,7 +68,8 @@ beat_execute(SPIPlanPtr plan, Datum *values, const char *nulls, int expected)
  * cache may make them again when they are run), with sequential scans
  * off: between beat_index_plans_begin() and beat_index_plans_end(nest).
  * An error in between needs nothing: the end of the transaction (or
- * subtransaction) restores the setting.
+ * subtransaction) restores the setting.  A user's trigger on beat.task
+ * that fires inside such a statement plans with the same settings.
  */
 int
 beat_index_plans_begin(void)
