@@ -107,6 +107,7 @@ static SPIPlanPtr plan_promote = NULL;
 static SPIPlanPtr plan_claim = NULL;
 static SPIPlanPtr plan_complete = NULL;
 static SPIPlanPtr plan_complete_batch = NULL;
+static SPIPlanPtr plan_complete_ids = NULL;
 static SPIPlanPtr plan_fail = NULL;
 static SPIPlanPtr plan_heartbeat = NULL;
 static SPIPlanPtr plan_task_state = NULL;
@@ -1140,17 +1141,36 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 	values[2] = PG_GETARG_DATUM(2);
 	nulls[2] = PG_ARGISNULL(2) ? 'n' : ' ';
 
+	/*
+	 * Without results, no join: each task is looked up by id.  (A repeated
+	 * id matches its task once either way, and is reported below.)
+	 */
 	beat_spi_connect();
-	nest = beat_batch_plans_begin();
-	beat_prepare(&plan_complete_batch,
-				 "UPDATE beat.task t SET state = 'succeeded', result = r.result,"
-				 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
-				 " lease_owner = NULL, lease_expires_at = NULL"
-				 " FROM unnest($1, $3) AS r(id, result)"
-				 " WHERE t.id = ANY ($1) AND t.id = r.id AND " HELD_BY("$2")
-				 " RETURNING t.id",
-				 3, argtypes);
-	beat_execute(plan_complete_batch, values, nulls, SPI_OK_UPDATE_RETURNING);
+	if (PG_ARGISNULL(2))
+	{
+		nest = beat_index_plans_begin();
+		beat_prepare(&plan_complete_ids,
+					 "UPDATE beat.task t SET state = 'succeeded', result = NULL,"
+					 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
+					 " lease_owner = NULL, lease_expires_at = NULL"
+					 " WHERE t.id = ANY ($1) AND " HELD_BY("$2")
+					 " RETURNING t.id",
+					 2, argtypes);
+		beat_execute(plan_complete_ids, values, nulls, SPI_OK_UPDATE_RETURNING);
+	}
+	else
+	{
+		nest = beat_batch_plans_begin();
+		beat_prepare(&plan_complete_batch,
+					 "UPDATE beat.task t SET state = 'succeeded', result = r.result,"
+					 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
+					 " lease_owner = NULL, lease_expires_at = NULL"
+					 " FROM unnest($1, $3) AS r(id, result)"
+					 " WHERE t.id = ANY ($1) AND t.id = r.id AND " HELD_BY("$2")
+					 " RETURNING t.id",
+					 3, argtypes);
+		beat_execute(plan_complete_batch, values, nulls, SPI_OK_UPDATE_RETURNING);
+	}
 	beat_index_plans_end(nest);
 
 	if (SPI_processed != (uint64) n)

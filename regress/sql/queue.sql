@@ -443,7 +443,9 @@ SELECT idx_scan AS lease0 FROM pg_stat_user_indexes WHERE indexrelname = 'task_l
 SELECT count(beat.heartbeat(id, 'w-idx')) AS heartbeats FROM held;
 SELECT beat.complete(min(id), 'w-idx') FROM held;
 SELECT beat.complete_batch(array_agg(id), 'w-idx')
-FROM (SELECT id FROM held ORDER BY id OFFSET 1 LIMIT 2) h;
+FROM (SELECT id FROM held ORDER BY id OFFSET 1 LIMIT 1) h;
+SELECT beat.complete_batch(array_agg(id), 'w-idx', ARRAY['{"r": 1}']::jsonb[])
+FROM (SELECT id FROM held ORDER BY id OFFSET 2 LIMIT 1) h;
 SELECT beat.fail(max(id), 'w-idx', 'test', permanent => true) FROM held;
 SELECT pg_stat_force_next_flush();
 SELECT idx_scan - :lease0 AS lease_idx_scans FROM pg_stat_user_indexes WHERE indexrelname = 'task_lease_idx';
