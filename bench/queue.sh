@@ -356,6 +356,7 @@ declare -A FILE1=(
     [enqueue]=$(script enqueue "SELECT beat.enqueue('bench_1', '{\"n\":1}');")
 )
 declare -A RUNS1 XACTS1 WAL1
+RUNS_BATCH_SQL= RUNS_DRAIN_SQL=
 RATIO_INSERT=() RATIO_TASK=()
 if new_flow bench_1 && sql -c "TRUNCATE beat.task"; then
     diag_reset
@@ -394,23 +395,47 @@ else
     fail enqueue "could not create flow bench_1 / truncate beat.task"
 fi
 
-# --- 2. batch enqueue ---------------------------------------------------------
+# --- 2. batch enqueue, against the same rows by plain INSERT ---------------
 
 BATCH_TASKS=$((BATCH_SIZE * BATCH_XACTS))
 # It takes about a second: run it REPEAT times, each on an empty table
-# after a checkpoint, and report the median.
-runs=()
+# after a checkpoint, and report the median.  Before each run, its
+# baseline: the rows enqueue_batch writes, INSERTed by plain SQL from the
+# same array into bench_task (the copy of beat.task from measurement 1),
+# with no checks; the report gives the per-run ratios and their median.
+BATCH_ARRAY="(SELECT array_agg(jsonb_build_object('n', g)) FROM generate_series(1, $BATCH_SIZE) g)"
+runs=() RATIO_BATCH=()
 new_flow bench_2 || fail enqueue_batch "could not create flow bench_2"
 for rep in $(seq "$REPEAT"); do
     [ "${RATE[enqueue_batch]:-}" != FAILED ] || break
+    log "2. batch enqueue baseline, plain INSERT of $BATCH_TASKS rows into bench_task (run $rep of $REPEAT)"
+    if ! { sql -c "TRUNCATE beat.task, bench_task" && settle; }; then
+        fail batch_sql "could not truncate bench_task"
+        break
+    fi
+    f=$(script batch_sql "INSERT INTO bench_task (flow, params, max_attempts, correlation_id) SELECT 'bench_2', p, 5, gen_random_uuid() FROM unnest($BATCH_ARRAY) p;")
+    if ! run_pgbench batch_sql "$f" -c 1 -t "$BATCH_XACTS"; then
+        fail batch_sql "$FAIL_REASON"
+        break
+    fi
+    n=$(sql -c "SELECT count(*) FROM bench_task WHERE flow = 'bench_2' AND state = 'pending'")
+    if [ "$n" != "$BATCH_TASKS" ]; then
+        fail batch_sql "expected $BATCH_TASKS pending rows in bench_task, found $n"
+        break
+    fi
+    base=$(awk -v t="$TPS" -v b="$BATCH_SIZE" 'BEGIN { print t * b }')
+    RUNS_BATCH_SQL+="$(round "$base") "
+    DETAIL[batch_sql]="last run: $(wal_detail "$BATCH_TASKS")"
+
     log "2. batch enqueue, $BATCH_TASKS tasks in $BATCH_XACTS batches of $BATCH_SIZE, 1 client (run $rep of $REPEAT)"
-    if sql -c "TRUNCATE beat.task" && settle; then
+    if sql -c "TRUNCATE beat.task, bench_task" && settle; then
         diag_reset
-        f=$(script enqueue_batch "SELECT count(*) FROM beat.enqueue_batch('bench_2', (SELECT array_agg(jsonb_build_object('n', g)) FROM generate_series(1, $BATCH_SIZE) g));")
+        f=$(script enqueue_batch "SELECT count(*) FROM beat.enqueue_batch('bench_2', $BATCH_ARRAY);")
         if run_pgbench enqueue_batch "$f" -c 1 -t "$BATCH_XACTS"; then
             n=$(sql -c "SELECT count(*) FROM beat.task WHERE flow = 'bench_2' AND state = 'pending'")
             if [ "$n" = "$BATCH_TASKS" ]; then
                 runs+=("$(round "$(awk -v t="$TPS" -v b="$BATCH_SIZE" 'BEGIN { print t * b }')")")
+                RATIO_BATCH+=("$(awk -v t="$TPS" -v b="$BATCH_SIZE" -v base="$base" 'BEGIN { printf "%.2f", t * b / base }')")
                 DETAIL[enqueue_batch]="$BATCH_TASKS tasks, pgbench tps $TPS x $BATCH_SIZE; wall ${WALL}s incl. connection ($(round "$(awk -v n="$BATCH_TASKS" -v w="$WALL" 'BEGIN { print n / w }')") tasks/s), $(wal_detail "$BATCH_TASKS")"
             else
                 fail enqueue_batch "expected $BATCH_TASKS pending tasks in bench_2, found $n"
@@ -429,7 +454,11 @@ done
 if [ "${#runs[@]}" = "$REPEAT" ]; then
     RATE[enqueue_batch]=$(median "${runs[@]}")
     DETAIL[enqueue_batch]="runs (tasks/s): $(IFS=,; echo "${runs[*]}" | sed 's/,/, /g'), median ${RATE[enqueue_batch]}; last run: ${DETAIL[enqueue_batch]}"
+    # shellcheck disable=SC2086
+    RATE[batch_sql]=$(median $RUNS_BATCH_SQL)
+    DETAIL[batch_sql]="runs (rows/s): $(echo $RUNS_BATCH_SQL | sed 's/ /, /g'), median ${RATE[batch_sql]}; ${DETAIL[batch_sql]}"
 fi
+sql -c "TRUNCATE bench_task" >/dev/null
 
 # --- 3 and 4. drains ----------------------------------------------------------
 
@@ -437,7 +466,7 @@ fi
 # tasks of FLOW, vacuumed and analyzed, after a checkpoint.
 prepare_drain() {
     new_flow "$1" || return 1
-    sql -c "TRUNCATE beat.task" || return 1
+    sql -c "TRUNCATE beat.task, bench_task" || return 1
     sql -c "DO \$\$
             BEGIN
                 FOR b IN 0 .. $((DRAIN_TASKS / BATCH_SIZE - 1)) LOOP
@@ -501,20 +530,84 @@ drain() {  # key flow per_call title
     diag_report "$title"
 }
 
+# Each run of measurements 2 and 4 starts on two empty tables, so that no
+# autovacuum of the rows the other one left runs beside it.
+#
+# The baseline of the batched drain: the same drain in plain SQL on
+# bench_task, the copy of beat.task (its indexes, checks and defaults, not
+# its trigger task_finished).  One PL/pgSQL call per transaction claims
+# 100 rows the way beat.claim does (FOR UPDATE SKIP LOCKED, in claim
+# order, a lease) and completes them; no checks, no flow settings, no
+# wake-up of beat.wait.
+sql -c "CREATE FUNCTION bench_drain_sql(w text, n integer) RETURNS integer
+        LANGUAGE plpgsql AS \$\$
+        DECLARE ids bigint[];
+        BEGIN
+            WITH u AS (
+                UPDATE bench_task t SET state = 'running', attempts = t.attempts + 1,
+                    lease_owner = w, lease_expires_at = statement_timestamp() + interval '5 min',
+                    started_at = statement_timestamp(), updated_at = statement_timestamp()
+                WHERE t.id = ANY (ARRAY(
+                    SELECT c.id FROM bench_task c
+                    WHERE c.flow = 'bench_sql' AND c.state = 'pending'
+                    ORDER BY c.priority, c.run_at, c.id
+                    LIMIT n FOR UPDATE SKIP LOCKED))
+                RETURNING t.id)
+            SELECT array_agg(id) INTO ids FROM u;
+            UPDATE bench_task SET state = 'succeeded', finished_at = statement_timestamp(),
+                updated_at = statement_timestamp(), lease_owner = NULL, lease_expires_at = NULL
+            WHERE id = ANY (ids) AND lease_owner = w;
+            RETURN cardinality(ids);
+        END \$\$" >/dev/null
+
+drain_sql() {  # title
+    local xacts=$((DRAIN_TASKS / CLIENTS / 100)) ok
+    log "$1: $DRAIN_TASKS rows of bench_task in plain SQL, $CLIENTS clients x $xacts transactions, 100 per claim"
+    if ! { sql -c "TRUNCATE beat.task, bench_task" \
+           && sql -c "INSERT INTO bench_task (flow, params, max_attempts, correlation_id)
+                      SELECT 'bench_sql', jsonb_build_object('n', g), 5, gen_random_uuid()
+                      FROM generate_series(1, $DRAIN_TASKS) g" \
+           && sql -c "VACUUM ANALYZE bench_task" && settle; }; then
+        fail drain_sql "could not prepare $DRAIN_TASKS pending rows in bench_task"
+        return
+    fi
+    if run_pgbench drain_sql "$(script drain_sql "SELECT bench_drain_sql('w' || :client_id, 100);")" \
+            -c "$CLIENTS" -j "$THREADS" -t "$xacts"; then
+        ok=$(sql -c "SELECT count(*) FILTER (WHERE state = 'succeeded') = $DRAIN_TASKS FROM bench_task")
+        if [ "$ok" = t ]; then
+            RATE[drain_sql]=$(round "$(awk -v t="$TPS" 'BEGIN { print t * 100 }')")
+            DETAIL[drain_sql]="last run: $DRAIN_TASKS rows all succeeded; pgbench tps $TPS x 100, latency $LAT ms; $(wal_detail "$DRAIN_TASKS")"
+        else
+            fail drain_sql "not all $DRAIN_TASKS rows of bench_task succeeded"
+        fi
+    else
+        fail drain_sql "$FAIL_REASON"
+    fi
+}
+
 drain drain_one bench_3 1 "3. drain one by one"
-# The batched drain takes about a second: REPEAT runs, the median.
-runs=()
+# The batched drain takes about a second: REPEAT runs, the median, each
+# after a run of its baseline.
+runs=() runs_sql=() RATIO_DRAIN=()
 for rep in $(seq "$REPEAT"); do
-    unset 'RATE[drain_batch]'
+    unset 'RATE[drain_sql]' 'RATE[drain_batch]'
+    drain_sql "4. batched drain baseline in plain SQL (run $rep of $REPEAT)"
+    [ "${RATE[drain_sql]:-FAILED}" != FAILED ] || break
     drain drain_batch "bench_4_$rep" 100 "4. batched drain (run $rep of $REPEAT)"
     [ "${RATE[drain_batch]:-FAILED}" != FAILED ] || break
     runs+=("${RATE[drain_batch]}")
+    runs_sql+=("${RATE[drain_sql]}")
+    RATIO_DRAIN+=("$(awk -v a="${RATE[drain_batch]}" -v b="${RATE[drain_sql]}" 'BEGIN { printf "%.2f", a / b }')")
     last=${DETAIL[drain_batch]}
+    last_sql=${DETAIL[drain_sql]}
 done
 if [ "${#runs[@]}" = "$REPEAT" ]; then
     RATE[drain_batch]=$(median "${runs[@]}")
     DETAIL[drain_batch]="runs (tasks/s): $(IFS=,; echo "${runs[*]}" | sed 's/,/, /g'), median ${RATE[drain_batch]}; last run: $last"
+    RATE[drain_sql]=$(median "${runs_sql[@]}")
+    DETAIL[drain_sql]="runs (rows/s): $(IFS=,; echo "${runs_sql[*]}" | sed 's/,/, /g'), median ${RATE[drain_sql]}; $last_sql"
 fi
+sql -c "TRUNCATE bench_task" >/dev/null
 
 # --- report -------------------------------------------------------------------
 
@@ -561,15 +654,28 @@ row() {  # label key ref
     echo "| INSERT one integer into a table without indexes (the cheapest durable commit), median of $ROUNDS | $(fmt_rate insert) |"
     echo "| INSERT the row enqueue writes into a copy of beat.task (LIKE ... INCLUDING ALL), median of $ROUNDS | $(fmt_rate insert_task) |"
     echo
+    echo "Baselines of measurements 2 and 4, on the same copy of beat.task (rows/s; each run just before its pg_beat run):"
+    echo
+    echo "| baseline | rows/s |"
+    echo "| --- | ---: |"
+    echo "| 2. the rows of enqueue_batch by plain INSERT ... SELECT FROM unnest(the same array), 1 client, median of $REPEAT | $(fmt_rate batch_sql) |"
+    echo "| 4. the batched drain in plain SQL (one PL/pgSQL call: claim 100 FOR UPDATE SKIP LOCKED, complete them), 4 clients, median of $REPEAT | $(fmt_rate drain_sql) |"
+    echo
     if [ "${#RATIO_INSERT[@]}" = "$ROUNDS" ]; then
         echo "Single enqueue / cheapest commit, per round: ${RATIO_INSERT[*]}; median $(median "${RATIO_INSERT[@]}")."
         echo "Single enqueue / the same row by plain INSERT, per round: ${RATIO_TASK[*]}; median $(median "${RATIO_TASK[@]}")" \
              "(1.00 = the function costs nothing over the INSERT it makes)."
-        echo
     fi
+    if [ "${#RATIO_BATCH[@]}" = "$REPEAT" ]; then
+        echo "Batch enqueue / the same rows by plain INSERT, per run: ${RATIO_BATCH[*]}; median $(median "${RATIO_BATCH[@]}")."
+    fi
+    if [ "${#RATIO_DRAIN[@]}" = "$REPEAT" ]; then
+        echo "Batched drain / the same drain in plain SQL, per run: ${RATIO_DRAIN[*]}; median $(median "${RATIO_DRAIN[@]}")."
+    fi
+    echo
     echo "Details:"
     echo
-    for k in select1 insert insert_task enqueue enqueue_batch drain_one drain_batch; do
+    for k in select1 insert insert_task enqueue batch_sql enqueue_batch drain_one drain_sql drain_batch; do
         echo "- $k: ${DETAIL[$k]:-not run}"
     done
     if [ "$DIAG" = 1 ]; then
