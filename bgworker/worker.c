@@ -930,13 +930,11 @@ claim_and_start(int n, TimestampTz *next_due)
 		{
 			Oid			types[4] = {INT8ARRAYOID, FLOAT8ARRAYOID, TEXTOID, TEXTARRAYOID};
 			Datum		args[4];
-			int			nest;
 
 			args[0] = beat_make_array(refused_ids, NULL, nrefused, INT8OID);
 			args[1] = beat_make_array(refused_wait, NULL, nrefused, FLOAT8OID);
 			args[2] = values[1];
 			args[3] = beat_make_array(refused_why, why_nulls, nrefused, TEXTOID);
-			nest = beat_batch_plans_begin();
 			beat_prepare(&plan_limited,
 						 "UPDATE beat.task t SET state = 'scheduled',"
 						 " run_at = statement_timestamp() + make_interval(secs => r.wait),"
@@ -947,8 +945,8 @@ claim_and_start(int n, TimestampTz *next_due)
 						 " FROM unnest($1, $2, $4) AS r(id, wait, why)"
 						 " WHERE t.id = ANY ($1) AND t.id = r.id AND " HELD_BY("$3"),
 						 4, types);
-			beat_execute(plan_limited, args, "    ", SPI_OK_UPDATE);
-			beat_index_plans_end(nest);
+			beat_execute_plan(plan_limited, args, "    ", SPI_OK_UPDATE,
+							  BEAT_PLAN_BATCH);
 			*next_due = GetCurrentTimestamp() + soonest;
 		}
 	}
@@ -956,16 +954,13 @@ claim_and_start(int n, TimestampTz *next_due)
 	if (claimed < n && *next_due == 0)
 	{
 		Datum		ms;
-		int			nest;
 
 		/* through task_waiting_idx, however big beat.task was when planned */
-		nest = beat_index_plans_begin();
 		beat_prepare(&plan_next_due,
 					 "SELECT (extract(epoch FROM min(run_at) - clock_timestamp()) * 1000)::float8"
 					 " FROM beat.task WHERE flow = $1 AND state IN ('scheduled', 'failed')",
 					 1, argtypes);
-		beat_execute(plan_next_due, values, " ", SPI_OK_SELECT);
-		beat_index_plans_end(nest);
+		beat_execute_plan(plan_next_due, values, " ", SPI_OK_SELECT, BEAT_PLAN_INDEXED);
 		ms = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 		if (!isnull)
 			*next_due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
@@ -1698,7 +1693,6 @@ record_finished(void)
 		uint64		nupdated;
 		uint64		nsucceeded = 0;
 		bool		isnull;
-		int			nest;
 		int			f = 0;
 
 		for (i = 0; i < n; i++)
@@ -1730,7 +1724,6 @@ record_finished(void)
 		 * due after the backoff, or dead when out of attempts.  permanent:
 		 * dead.
 		 */
-		nest = beat_batch_plans_begin();
 		beat_prepare(&plan_record,
 					 "UPDATE beat.task t SET"
 					 " state = CASE WHEN r.outcome = 'ok' THEN 'succeeded'::beat.task_state"
@@ -1761,8 +1754,8 @@ record_finished(void)
 					 "   AND " HELD_BY("$6")
 					 " RETURNING t.id, t.state::text",
 					 8, argtypes);
-		beat_execute(plan_record, values, "        ", SPI_OK_UPDATE_RETURNING);
-		beat_index_plans_end(nest);
+		beat_execute_plan(plan_record, values, "        ", SPI_OK_UPDATE_RETURNING,
+						  BEAT_PLAN_BATCH);
 
 		/* what was not updated had lost its lease (ids are unique here) */
 		nupdated = SPI_processed;
@@ -1820,11 +1813,9 @@ record_finished(void)
 		{
 			Oid			types[2] = {INT8ARRAYOID, TEXTOID};
 			Datum		args[2];
-			int			nest;
 
 			args[0] = beat_make_array(hids, NULL, nh, INT8OID);
 			args[1] = CStringGetTextDatum(worker_name);
-			nest = beat_index_plans_begin();
 			beat_prepare(&plan_extend,
 						 "UPDATE beat.task t SET lease_expires_at ="
 						 " greatest(t.lease_expires_at, statement_timestamp() + f.lease)"
@@ -1832,8 +1823,8 @@ record_finished(void)
 						 " WHERE t.id = ANY ($1) AND " HELD_BY("$2")
 						 "   AND f.name = t.flow",
 						 2, types);
-			beat_execute(plan_extend, args, NULL, SPI_OK_UPDATE);
-			beat_index_plans_end(nest);
+			beat_execute_plan(plan_extend, args, NULL, SPI_OK_UPDATE,
+							  BEAT_PLAN_INDEXED);
 		}
 	}
 
@@ -1863,14 +1854,12 @@ record_finished(void)
 			Oid			types[5] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
 			TEXTARRAYOID, INT4ARRAYOID};
 			Datum		args[5];
-			int			nest;
 
 			args[0] = beat_make_array(pids, NULL, npages, INT8OID);
 			args[1] = beat_make_array(pprov, NULL, npages, TEXTOID);
 			args[2] = beat_make_array(pparam, NULL, npages, TEXTOID);
 			args[3] = beat_make_array(pcursor, NULL, npages, TEXTOID);
 			args[4] = beat_make_array(ppage, NULL, npages, INT4OID);
-			nest = beat_batch_plans_begin();
 			beat_prepare(&plan_next_page,
 						 "INSERT INTO beat.task (flow, priority, max_attempts, idempotency_key,"
 						 " params, correlation_id, provider)"
@@ -1883,8 +1872,8 @@ record_finished(void)
 						 "   AND state IN ('pending', 'scheduled', 'running', 'failed')"
 						 " DO NOTHING",
 						 5, types);
-			beat_execute(plan_next_page, args, "     ", SPI_OK_INSERT);
-			beat_index_plans_end(nest);
+			beat_execute_plan(plan_next_page, args, "     ", SPI_OK_INSERT,
+							  BEAT_PLAN_BATCH);
 			beat_wake_at_commit(flow_name);
 		}
 	}

@@ -117,15 +117,30 @@ extern void beat_register_launcher(void);
 extern char *beat_worker_name(const char *flow, int index, int pid);
 
 /* util.c: saved plans and argument checks */
-extern int	beat_index_plans_begin(void);
-extern int	beat_batch_plans_begin(void);
-extern void beat_index_plans_end(int nest);
 extern SPIPlanPtr beat_prepare(SPIPlanPtr *cache, const char *sql,
 							   int nargs, Oid *argtypes);
 extern SPIPlanPtr beat_prepare_opts(SPIPlanPtr *cache, const char *sql,
 									 int nargs, Oid *argtypes, int options);
 extern void beat_execute(SPIPlanPtr plan, Datum *values, const char *nulls,
 						 int expected);
+
+/*
+ * Planner settings for beat_execute_plan.  A queue's table is often empty
+ * when a backend first plans a statement on it, and huge soon after; a
+ * saved plan made then keeps its sequential scan until the next ANALYZE
+ * (the reaper's, once a second).  BEAT_PLAN_INDEXED: sequential scans
+ * off, so the plan goes through an index whatever the table's size.
+ * BEAT_PLAN_BATCH, for statements that join an array of task ids to
+ * beat.task ("t.id = ANY ($1) AND t.id = r.id"): nested loops off too,
+ * which ran the array's unnest once per task (n * n for a batch of n);
+ * a hash or merge join costs n.
+ */
+#define BEAT_PLAN_NO_SEQSCAN	0x01
+#define BEAT_PLAN_NO_NESTLOOP	0x02
+#define BEAT_PLAN_INDEXED		BEAT_PLAN_NO_SEQSCAN
+#define BEAT_PLAN_BATCH			(BEAT_PLAN_NO_SEQSCAN | BEAT_PLAN_NO_NESTLOOP)
+extern void beat_execute_plan(SPIPlanPtr plan, Datum *values, const char *nulls,
+							  int expected, int flags);
 extern void beat_spi_connect(void);
 extern void beat_spi_finish(void);
 extern void beat_require(FunctionCallInfo fcinfo, int argno, const char *name);

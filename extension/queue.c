@@ -954,7 +954,7 @@ report_not_held(int64 task_id, const char *worker)
  * Make the flow's scheduled and failed tasks whose run_at has come pending,
  * so that claim finds them.  Rows another session is promoting or
  * cancelling right now are skipped, not waited for.  Only beat_claim calls
- * it, inside the GUC nest level that plans it with sequential scans off.
+ * it; it plans the same way as claim (see there).
  */
 static void
 promote_due(Datum flow)
@@ -968,7 +968,7 @@ promote_due(Datum flow)
 				 "     AND run_at <= statement_timestamp()"
 				 "   FOR UPDATE SKIP LOCKED))",
 				 1, argtypes, CURSOR_OPT_GENERIC_PLAN);
-	beat_execute(plan_promote, &flow, " ", SPI_OK_UPDATE);
+	beat_execute_plan(plan_promote, &flow, " ", SPI_OK_UPDATE, BEAT_PLAN_INDEXED);
 }
 
 /* beat.claim(flow, worker, max_tasks, lease): lease due tasks in claim order. */
@@ -980,7 +980,6 @@ beat_claim(PG_FUNCTION_ARGS)
 	Datum		values[4];
 	char		nulls[5] = "    ";
 	int			natts;
-	int			nest;
 
 	beat_require(fcinfo, 0, "flow");
 	beat_require(fcinfo, 1, "worker");
@@ -1004,12 +1003,10 @@ beat_claim(PG_FUNCTION_ARGS)
 	 * Promote and claim run generic plans: their custom plans (the LIMIT
 	 * known) were made anew on every call, and planning took longer than
 	 * running.  A generic plan outlives the table it was made for, so it
-	 * is made with sequential scans off: whatever size beat.task had then
-	 * (empty, at a worker's first claim), every step of the plan goes
-	 * through an index.  (A user's trigger on beat.task would run in this
-	 * nest level too, and plan with the same setting.)
+	 * is made with sequential scans off (BEAT_PLAN_INDEXED): whatever
+	 * size beat.task had then (empty, at a worker's first claim), every
+	 * step of the plan goes through an index.
 	 */
-	nest = beat_index_plans_begin();
 	promote_due(values[0]);
 	beat_prepare_opts(&plan_claim,
 				 "WITH u AS ("
@@ -1030,8 +1027,7 @@ beat_claim(PG_FUNCTION_ARGS)
 				 "    t.lease_expires_at"
 				 ") SELECT * FROM u ORDER BY priority, run_at, id",
 				 4, argtypes, CURSOR_OPT_GENERIC_PLAN);
-	beat_execute(plan_claim, values, nulls, SPI_OK_SELECT);
-	beat_index_plans_end(nest);
+	beat_execute_plan(plan_claim, values, nulls, SPI_OK_SELECT, BEAT_PLAN_INDEXED);
 	if (SPI_processed == 0)
 	{
 		/* an unknown flow raises; a paused or empty one returns no rows */
@@ -1103,7 +1099,6 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 	Datum	   *ids;
 	bool	   *idnulls;
 	int			n;
-	int			nest;
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_INT64(0);
@@ -1148,7 +1143,6 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 	beat_spi_connect();
 	if (PG_ARGISNULL(2))
 	{
-		nest = beat_index_plans_begin();
 		beat_prepare(&plan_complete_ids,
 					 "UPDATE beat.task t SET state = 'succeeded', result = NULL,"
 					 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
@@ -1156,11 +1150,11 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 					 " WHERE t.id = ANY ($1) AND " HELD_BY("$2")
 					 " RETURNING t.id",
 					 2, argtypes);
-		beat_execute(plan_complete_ids, values, nulls, SPI_OK_UPDATE_RETURNING);
+		beat_execute_plan(plan_complete_ids, values, nulls, SPI_OK_UPDATE_RETURNING,
+						  BEAT_PLAN_INDEXED);
 	}
 	else
 	{
-		nest = beat_batch_plans_begin();
 		beat_prepare(&plan_complete_batch,
 					 "UPDATE beat.task t SET state = 'succeeded', result = r.result,"
 					 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
@@ -1169,9 +1163,9 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 					 " WHERE t.id = ANY ($1) AND t.id = r.id AND " HELD_BY("$2")
 					 " RETURNING t.id",
 					 3, argtypes);
-		beat_execute(plan_complete_batch, values, nulls, SPI_OK_UPDATE_RETURNING);
+		beat_execute_plan(plan_complete_batch, values, nulls, SPI_OK_UPDATE_RETURNING,
+						  BEAT_PLAN_BATCH);
 	}
-	beat_index_plans_end(nest);
 
 	if (SPI_processed != (uint64) n)
 	{
@@ -1383,7 +1377,6 @@ beat_reap(PG_FUNCTION_ARGS)
 	bool		isnull;
 	int64		requeued;
 	int64		dead;
-	int			nest;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "pg_beat: reap must return a record");
@@ -1396,7 +1389,6 @@ beat_reap(PG_FUNCTION_ARGS)
 	 * running tasks through task_lease_idx, not the whole table.
 	 */
 	beat_spi_connect();
-	nest = beat_index_plans_begin();
 	beat_prepare(&plan_reap,
 				 "WITH x AS ("
 				 "  UPDATE beat.task t SET"
@@ -1414,8 +1406,7 @@ beat_reap(PG_FUNCTION_ARGS)
 				 ") SELECT count(*) FILTER (WHERE state = 'pending'),"
 				 "  count(*) FILTER (WHERE state = 'dead') FROM x",
 				 0, NULL);
-	beat_execute(plan_reap, NULL, NULL, SPI_OK_SELECT);
-	beat_index_plans_end(nest);
+	beat_execute_plan(plan_reap, NULL, NULL, SPI_OK_SELECT, BEAT_PLAN_INDEXED);
 	/* read out before SPI frees the row (int8 is by reference on 32-bit) */
 	requeued = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	dead = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
@@ -1437,7 +1428,6 @@ beat_purge(PG_FUNCTION_ARGS)
 	char		nulls[2] = " ";
 	bool		isnull;
 	int64		count;
-	int			nest;
 
 	if (PG_ARGISNULL(0))
 		nulls[0] = 'n';
@@ -1446,7 +1436,6 @@ beat_purge(PG_FUNCTION_ARGS)
 
 	/* the launcher calls this every minute: through task_finished_idx */
 	beat_spi_connect();
-	nest = beat_index_plans_begin();
 	beat_prepare(&plan_purge,
 				 "WITH d AS ("
 				 "  DELETE FROM beat.task t USING beat.flow f"
@@ -1455,8 +1444,7 @@ beat_purge(PG_FUNCTION_ARGS)
 				 "  RETURNING 1"
 				 ") SELECT count(*) FROM d",
 				 1, argtypes);
-	beat_execute(plan_purge, &v, nulls, SPI_OK_SELECT);
-	beat_index_plans_end(nest);
+	beat_execute_plan(plan_purge, &v, nulls, SPI_OK_SELECT, BEAT_PLAN_INDEXED);
 	count = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 										SPI_tuptable->tupdesc, 1, &isnull));
 	beat_spi_finish();

@@ -51,57 +51,39 @@ beat_prepare_opts(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes,
 void
 beat_execute(SPIPlanPtr plan, Datum *values, const char *nulls, int expected)
 {
-	int			rc = SPI_execute_plan(plan, values, nulls, false, 0);
+	beat_execute_plan(plan, values, nulls, expected, 0);
+}
 
+/*
+ * The same, planned with the planner settings of flags (pg_beat.h).  The
+ * plan cache makes a saved plan when it is first run, and again when it
+ * is run after an invalidation, so the settings hold for the run only.
+ * An error restores them with the (sub)transaction; a user's trigger on
+ * beat.task that fires inside the statement plans with them too.
+ */
+void
+beat_execute_plan(SPIPlanPtr plan, Datum *values, const char *nulls, int expected,
+				  int flags)
+{
+	int			nest = 0;
+	int			rc;
+
+	if (flags != 0)
+	{
+		nest = NewGUCNestLevel();
+		if (flags & BEAT_PLAN_NO_SEQSCAN)
+			(void) set_config_option("enable_seqscan", "off", PGC_USERSET,
+									 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+		if (flags & BEAT_PLAN_NO_NESTLOOP)
+			(void) set_config_option("enable_nestloop", "off", PGC_USERSET,
+									 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	}
+	rc = SPI_execute_plan(plan, values, nulls, false, 0);
+	if (flags != 0)
+		AtEOXact_GUC(true, nest);
 	if (rc != expected)
 		elog(ERROR, "pg_beat: SPI_execute_plan returned %s",
 			 SPI_result_code_string(rc));
-}
-
-/*
- * Plans that must go through an index whatever size beat.task had when
- * they were made.  A saved plan made while the table was empty (at a
- * backend's first call, or just after a TRUNCATE) reads the whole table
- * with a sequential scan, and keeps doing so until the next ANALYZE; on a
- * queue a bulk load ahead of autovacuum that can be every call of the
- * reaper, once a second.  So such plans are made, and run (the plan
- * cache may make them again when they are run), with sequential scans
- * off: between beat_index_plans_begin() and beat_index_plans_end(nest).
- * An error in between needs nothing: the end of the transaction (or
- * subtransaction) restores the setting.  A user's trigger on beat.task
- * that fires inside such a statement plans with the same settings.
- */
-int
-beat_index_plans_begin(void)
-{
-	int			nest = NewGUCNestLevel();
-
-	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	return nest;
-}
-
-/*
- * The same for a statement that joins an array of task ids (and their
- * results) to beat.task, "t.id = ANY ($1) AND t.id = r.id": nested loops
- * off too.  A nested loop there ran the array's unnest once per task, or
- * read a whole index per element, so a batch of n cost n * n; a hash or
- * merge join costs n.
- */
-int
-beat_batch_plans_begin(void)
-{
-	int			nest = beat_index_plans_begin();
-
-	(void) set_config_option("enable_nestloop", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	return nest;
-}
-
-void
-beat_index_plans_end(int nest)
-{
-	AtEOXact_GUC(true, nest);
 }
 
 /* Connect to SPI or fail. */
