@@ -175,6 +175,8 @@ commas() { echo "$1" | sed -e ':a' -e 's/\([0-9]\)\([0-9]\{3\}\)\($\|,\)/\1,\2\3
 # Round a float to an integer.
 round() { awk -v x="$1" 'BEGIN { printf "%d", x + 0.5 }'; }
 median() { printf '%s\n' "$@" | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+# The arguments as "a, b, c".
+listing() { local IFS=,; echo "$*" | sed 's/,/, /g'; }
 
 # Write a pgbench script file readable by the server user.
 script() {  # name, body
@@ -356,7 +358,6 @@ declare -A FILE1=(
     [enqueue]=$(script enqueue "SELECT beat.enqueue('bench_1', '{\"n\":1}');")
 )
 declare -A RUNS1 XACTS1 WAL1
-RUNS_BATCH_SQL= RUNS_DRAIN_SQL=
 RATIO_INSERT=() RATIO_TASK=()
 if new_flow bench_1 && sql -c "TRUNCATE beat.task"; then
     diag_reset
@@ -404,7 +405,7 @@ BATCH_TASKS=$((BATCH_SIZE * BATCH_XACTS))
 # same array into bench_task (the copy of beat.task from measurement 1),
 # with no checks; the report gives the per-run ratios and their median.
 BATCH_ARRAY="(SELECT array_agg(jsonb_build_object('n', g)) FROM generate_series(1, $BATCH_SIZE) g)"
-runs=() RATIO_BATCH=()
+runs=() runs_sql=() RATIO_BATCH=()
 new_flow bench_2 || fail enqueue_batch "could not create flow bench_2"
 for rep in $(seq "$REPEAT"); do
     [ "${RATE[enqueue_batch]:-}" != FAILED ] || break
@@ -424,7 +425,7 @@ for rep in $(seq "$REPEAT"); do
         break
     fi
     base=$(awk -v t="$TPS" -v b="$BATCH_SIZE" 'BEGIN { print t * b }')
-    RUNS_BATCH_SQL+="$(round "$base") "
+    runs_sql+=("$(round "$base")")
     DETAIL[batch_sql]="last run: $(wal_detail "$BATCH_TASKS")"
 
     log "2. batch enqueue, $BATCH_TASKS tasks in $BATCH_XACTS batches of $BATCH_SIZE, 1 client (run $rep of $REPEAT)"
@@ -453,12 +454,10 @@ for rep in $(seq "$REPEAT"); do
 done
 if [ "${#runs[@]}" = "$REPEAT" ]; then
     RATE[enqueue_batch]=$(median "${runs[@]}")
-    DETAIL[enqueue_batch]="runs (tasks/s): $(IFS=,; echo "${runs[*]}" | sed 's/,/, /g'), median ${RATE[enqueue_batch]}; last run: ${DETAIL[enqueue_batch]}"
-    # shellcheck disable=SC2086
-    RATE[batch_sql]=$(median $RUNS_BATCH_SQL)
-    DETAIL[batch_sql]="runs (rows/s): $(echo $RUNS_BATCH_SQL | sed 's/ /, /g'), median ${RATE[batch_sql]}; ${DETAIL[batch_sql]}"
+    DETAIL[enqueue_batch]="runs (tasks/s): $(listing "${runs[@]}"), median ${RATE[enqueue_batch]}; last run: ${DETAIL[enqueue_batch]}"
+    RATE[batch_sql]=$(median "${runs_sql[@]}")
+    DETAIL[batch_sql]="runs (rows/s): $(listing "${runs_sql[@]}"), median ${RATE[batch_sql]}; ${DETAIL[batch_sql]}"
 fi
-sql -c "TRUNCATE bench_task" >/dev/null
 
 # --- 3 and 4. drains ----------------------------------------------------------
 
@@ -603,11 +602,10 @@ for rep in $(seq "$REPEAT"); do
 done
 if [ "${#runs[@]}" = "$REPEAT" ]; then
     RATE[drain_batch]=$(median "${runs[@]}")
-    DETAIL[drain_batch]="runs (tasks/s): $(IFS=,; echo "${runs[*]}" | sed 's/,/, /g'), median ${RATE[drain_batch]}; last run: $last"
+    DETAIL[drain_batch]="runs (tasks/s): $(listing "${runs[@]}"), median ${RATE[drain_batch]}; last run: $last"
     RATE[drain_sql]=$(median "${runs_sql[@]}")
-    DETAIL[drain_sql]="runs (rows/s): $(IFS=,; echo "${runs_sql[*]}" | sed 's/,/, /g'), median ${RATE[drain_sql]}; $last_sql"
+    DETAIL[drain_sql]="runs (rows/s): $(listing "${runs_sql[@]}"), median ${RATE[drain_sql]}; $last_sql"
 fi
-sql -c "TRUNCATE bench_task" >/dev/null
 
 # --- report -------------------------------------------------------------------
 
