@@ -4,11 +4,13 @@
  *		The task queue's SQL functions: enqueue, claim, complete, fail,
  *		heartbeat, cancel, requeue, reap and purge.
  *
- * Every function is one or two statements through saved SPI plans; none
- * builds SQL from its arguments.  Concurrency rests on row locks taken by
- * those statements:
+ * Every function is one or two statements through saved SPI plans, but
+ * for two writes done directly with the table and index access methods (a
+ * batch without keys, and claim); none builds SQL from its arguments.
+ * Concurrency rests on row locks:
  *
- * - claim locks due rows with FOR UPDATE SKIP LOCKED, so concurrent
+ * - claim updates due rows without waiting, skipping those another
+ *   transaction holds (as FOR UPDATE SKIP LOCKED does), so concurrent
  *   claimers get disjoint tasks and never wait on each other;
  * - complete, fail and heartbeat update only a row that is running and
  *   leased to the calling worker; when no row matches they read the task
@@ -25,25 +27,32 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
 #include "access/heapam.h"
+#include "access/htup_details.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/dependency.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
+#include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "storage/bufmgr.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 #include "common/pg_prng.h"
@@ -542,7 +551,7 @@ direct_columns(Relation rel, AttrNumber *att)
 	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relispartition ||
 		rel->rd_tableam != GetHeapamTableAmRoutine() ||
 		pg_class_aclcheck(RelationGetRelid(rel), GetUserId(), ACL_INSERT) != ACLCHECK_OK ||
-		rel->rd_rel->relhasrules || rel->rd_rel->relrowsecurity ||
+		rel->rd_rules != NULL || rel->rd_rel->relrowsecurity ||
 		(td && (td->trig_insert_before_row || td->trig_insert_after_row ||
 				td->trig_insert_instead_row || td->trig_insert_before_statement ||
 				td->trig_insert_after_statement || td->trig_insert_new_table)))
@@ -971,6 +980,350 @@ promote_due(Datum flow)
 	beat_execute_plan(plan_promote, &flow, " ", SPI_OK_UPDATE, BEAT_PLAN_INDEXED);
 }
 
+/*
+ * The direct claim.
+ *
+ * The claim statement (below) locks each row it picks with FOR UPDATE
+ * SKIP LOCKED (a WAL record per row, and for each row another claimer
+ * holds, a try of a heavyweight lock), then it finds each
+ * picked row again through the primary key to update it.  Here the claim
+ * index is walked once and each due task updated where it was found,
+ * without waiting (table_tuple_update with wait = false).  A task another
+ * transaction is writing or has locked is skipped, as SKIP LOCKED skips
+ * it; one this transaction alone has locked is taken, as SKIP LOCKED
+ * takes it.  A task that changed since the snapshot is skipped too: the
+ * statement would follow it to its new version in READ COMMITTED, and
+ * raise a serialization error in REPEATABLE READ.  It is left for the
+ * next claim.
+ *
+ * What the UPDATE does besides is done here too: the CHECK constraints,
+ * the index entries (with the hint that lets the unchanged primary key
+ * delete its old entries bottom-up), and AFTER ROW triggers, queued and
+ * fired as the statement's would be (the extension's own task_finished
+ * and task_dead are of that kind; a claim passes neither's WHEN).  A table
+ * this code does not know exactly (a generated column, a column it
+ * writes or returns of another type, a BEFORE or statement-level update
+ * trigger, rules, row security, a claim index on other columns) goes back
+ * to the statement.
+ */
+typedef enum ClaimCol
+{
+	/* what a claim returns, in beat.claimed_task's order */
+	K_ID, K_FLOW, K_PARAMS, K_PRIORITY, K_ATTEMPTS, K_MAX_ATTEMPTS,
+	K_IDEMPOTENCY_KEY, K_CORRELATION_ID, K_RUN_AT, K_CREATED_AT,
+	K_LEASE_EXPIRES_AT,
+	/* what else it reads or writes */
+	K_STATE, K_LEASE_OWNER, K_STARTED_AT, K_UPDATED_AT,
+	K_NCOLS
+} ClaimCol;
+
+#define K_NOUT (K_LEASE_EXPIRES_AT + 1)
+
+static const char *const claim_cols[K_NCOLS] = {
+	"id", "flow", "params", "priority", "attempts", "max_attempts",
+	"idempotency_key", "correlation_id", "run_at", "created_at",
+	"lease_expires_at", "state", "lease_owner", "started_at", "updated_at"
+};
+
+/* Their types (the state's is an enum, checked apart). */
+static const Oid claim_types[K_NCOLS] = {
+	INT8OID, TEXTOID, JSONBOID, INT4OID, INT4OID, INT4OID,
+	TEXTOID, UUIDOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	TIMESTAMPTZOID, InvalidOid, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID
+};
+
+/* The claim index's key columns, in order. */
+static const ClaimCol claim_index_keys[] = {K_FLOW, K_PRIORITY, K_RUN_AT, K_ID};
+
+static SPIPlanPtr plan_claim_flow = NULL;
+
+/*
+ * Find claim_cols in rel and open its claim index; false if rel or the
+ * index is not what the direct claim expects (see above), or the result
+ * type is not beat.claimed_task as this code knows it.
+ */
+static bool
+claim_table(Relation rel, TupleDesc out, AttrNumber *att, Relation *idx_out)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	TriggerDesc *td = rel->trigdesc;
+	Oid			idxoid;
+	Relation	idx;
+	bool		ok;
+
+	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relispartition ||
+		rel->rd_tableam != GetHeapamTableAmRoutine() ||
+		pg_class_aclcheck(RelationGetRelid(rel), GetUserId(),
+						  ACL_SELECT | ACL_UPDATE) != ACLCHECK_OK ||
+		rel->rd_rules != NULL || rel->rd_rel->relrowsecurity ||
+		(td && (td->trig_update_before_row || td->trig_update_instead_row ||
+				td->trig_update_before_statement || td->trig_update_after_statement ||
+				td->trig_update_new_table || td->trig_update_old_table)))
+		return false;
+	if (out->natts != K_NOUT)
+		return false;
+
+	for (int c = 0; c < K_NCOLS; c++)
+		att[c] = InvalidAttrNumber;
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute a = TupleDescAttr(desc, i);
+
+		if (a->attisdropped)
+			continue;
+		if (a->attgenerated)
+			return false;
+		for (int c = 0; c < K_NCOLS; c++)
+			if (strcmp(NameStr(a->attname), claim_cols[c]) == 0)
+			{
+				if (c == K_STATE ? get_typtype(a->atttypid) != TYPTYPE_ENUM :
+					a->atttypid != claim_types[c])
+					return false;
+				att[c] = a->attnum;
+			}
+	}
+	for (int c = 0; c < K_NCOLS; c++)
+		if (att[c] == InvalidAttrNumber ||
+			(c < K_NOUT && TupleDescAttr(out, c)->atttypid != claim_types[c]))
+			return false;
+
+	/*
+	 * task_claim_idx: a valid btree on (flow, priority, run_at, id), all
+	 * ascending, so that its order is the claim order.  Its predicate is
+	 * not trusted: each task's state is read again below.
+	 */
+	idxoid = get_relname_relid("task_claim_idx", RelationGetNamespace(rel));
+	if (!OidIsValid(idxoid))
+		return false;
+	idx = index_open(idxoid, RowExclusiveLock);
+	ok = idx->rd_rel->relam == BTREE_AM_OID &&
+		idx->rd_index->indrelid == RelationGetRelid(rel) &&
+		idx->rd_index->indisvalid &&
+		idx->rd_index->indnkeyatts == lengthof(claim_index_keys) &&
+		RelationGetIndexExpressions(idx) == NIL &&
+		idx->rd_opcintype[0] == TEXTOID;
+	for (int k = 0; ok && k < lengthof(claim_index_keys); k++)
+		ok = idx->rd_index->indkey.values[k] == att[claim_index_keys[k]] &&
+			idx->rd_indoption[k] == 0;
+	if (!ok)
+	{
+		index_close(idx, NoLock);
+		return false;
+	}
+	*idx_out = idx;
+	return true;
+}
+
+/*
+ * Whether the task in slot (a heap buffer slot) is locked by this
+ * transaction alone.  The promotion's FOR UPDATE leaves its lock on the
+ * pending version it makes, and a task the claiming transaction itself
+ * locked is not skipped by SKIP LOCKED either.  Updating it waits for no
+ * one.
+ */
+static bool
+locked_by_us(TupleTableSlot *slot)
+{
+	BufferHeapTupleTableSlot *bslot = (BufferHeapTupleTableSlot *) slot;
+	HeapTupleHeader tup = bslot->base.tuple->t_data;
+	bool		ours;
+
+	LockBuffer(bslot->buffer, BUFFER_LOCK_SHARE);
+	ours = !(tup->t_infomask & (HEAP_XMAX_INVALID | HEAP_XMAX_IS_MULTI)) &&
+		HEAP_XMAX_IS_LOCKED_ONLY(tup->t_infomask) &&
+		TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetRawXmax(tup));
+	LockBuffer(bslot->buffer, BUFFER_LOCK_UNLOCK);
+	return ours;
+}
+
+/*
+ * Claim up to max_tasks due tasks of flow for worker into the function's
+ * result (SPI connected, due tasks promoted).  lease is NULL for the
+ * flow's.  Returns false, having written nothing, when the table needs
+ * the claim statement.
+ */
+static bool
+claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
+			 Datum lease, bool lease_null)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Relation	rel;
+	Relation	idx;
+	TupleDesc	desc;
+	AttrNumber	att[K_NCOLS];
+	bool		isnull;
+	Oid			state_type;
+	Oid			pending;
+	Datum		running;
+	Datum		now = TimestampTzGetDatum(GetCurrentStatementStartTimestamp());
+	Datum		expires;
+	Bitmapset  *updated = NULL;
+	RangeTblEntry *rte;
+	EState	   *estate;
+	ResultRelInfo *rri;
+	bool		after_triggers;
+	Snapshot	snapshot;
+	CommandId	cid;
+	IndexScanDesc scan;
+	ScanKeyData key;
+	TupleTableSlot *oldslot;
+	TupleTableSlot *newslot;
+	int			claimed = 0;
+
+	/* The table lock first, then the flow, as insert_direct does. */
+	rel = table_openrv(makeRangeVar("beat", "task", -1), RowExclusiveLock);
+	if (!claim_table(rel, rsinfo->setDesc, att, &idx))
+	{
+		table_close(rel, NoLock);
+		return false;
+	}
+	desc = RelationGetDescr(rel);
+	CheckCmdReplicaIdentity(rel, CMD_UPDATE);
+
+	beat_prepare(&plan_claim_flow,
+				 "SELECT paused, lease FROM beat.flow WHERE name = $1",
+				 1, argtypes);
+	beat_execute(plan_claim_flow, &flow, " ", SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		flow_missing(flow);
+	if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+	{
+		/* paused: nothing to claim */
+		index_close(idx, NoLock);
+		table_close(rel, NoLock);
+		return true;
+	}
+	if (lease_null)
+		lease = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	expires = DirectFunctionCall2(timestamptz_pl_interval, now, lease);
+
+	state_type = TupleDescAttr(desc, att[K_STATE] - 1)->atttypid;
+	pending = DatumGetObjectId(DirectFunctionCall2(enum_in, CStringGetDatum("pending"),
+												   ObjectIdGetDatum(state_type)));
+	running = DirectFunctionCall2(enum_in, CStringGetDatum("running"),
+								  ObjectIdGetDatum(state_type));
+
+	/*
+	 * An executor state for the index entries, the constraints and the
+	 * triggers.  Its one range table entry says which columns change: the
+	 * "UPDATE OF state" of a trigger and the index hint read it.
+	 */
+	updated = bms_add_member(updated, att[K_STATE] - FirstLowInvalidHeapAttributeNumber);
+	updated = bms_add_member(updated, att[K_ATTEMPTS] - FirstLowInvalidHeapAttributeNumber);
+	updated = bms_add_member(updated, att[K_LEASE_OWNER] - FirstLowInvalidHeapAttributeNumber);
+	updated = bms_add_member(updated, att[K_LEASE_EXPIRES_AT] - FirstLowInvalidHeapAttributeNumber);
+	updated = bms_add_member(updated, att[K_STARTED_AT] - FirstLowInvalidHeapAttributeNumber);
+	updated = bms_add_member(updated, att[K_UPDATED_AT] - FirstLowInvalidHeapAttributeNumber);
+	rte = makeNode(RangeTblEntry);
+	rte->rtekind = RTE_RELATION;
+	rte->relid = RelationGetRelid(rel);
+	rte->relkind = RELKIND_RELATION;
+	rte->rellockmode = RowExclusiveLock;
+	rte->requiredPerms = ACL_SELECT | ACL_UPDATE;
+	rte->updatedCols = updated;
+	estate = CreateExecutorState();
+	ExecInitRangeTable(estate, list_make1(rte));
+	rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(rri, rel, 1, NULL, 0);
+	/* where firing a trigger looks for it (and closing, for its indexes) */
+	estate->es_opened_result_relations = list_make1(rri);
+	ExecOpenIndices(rri, false);
+	after_triggers = rel->trigdesc && rel->trigdesc->trig_update_after_row;
+
+	/*
+	 * What the promotion just wrote must be seen, what we write now must
+	 * not: a new command, and a snapshot whose command is this one.
+	 */
+	CommandCounterIncrement();
+	cid = GetCurrentCommandId(true);
+	PushCopiedSnapshot(GetTransactionSnapshot());
+	UpdateActiveSnapshotCommandId();
+	snapshot = GetActiveSnapshot();
+	estate->es_snapshot = snapshot;
+	estate->es_output_cid = cid;
+	if (after_triggers)
+		AfterTriggerBeginQuery();
+
+	oldslot = table_slot_create(rel, NULL);
+	newslot = MakeSingleTupleTableSlot(desc, &TTSOpsVirtual);
+	scan = index_beginscan(rel, idx, snapshot, 1, 0);
+	ScanKeyEntryInitialize(&key, 0, 1, BTEqualStrategyNumber, InvalidOid,
+						   idx->rd_indcollation[0], F_TEXTEQ, flow);
+	index_rescan(scan, &key, 1, NULL, 0);
+
+	while (claimed < max_tasks && index_getnext_slot(scan, ForwardScanDirection, oldslot))
+	{
+		TM_Result	result;
+		TM_FailureData tmfd;
+		LockTupleMode lockmode;
+		bool		update_indexes;
+		ItemPointerData tid = oldslot->tts_tid;
+		List	   *recheck = NIL;
+		Datum		out[K_NOUT];
+		bool		outnulls[K_NOUT];
+
+		CHECK_FOR_INTERRUPTS();
+		ResetPerTupleExprContext(estate);
+		slot_getallattrs(oldslot);
+		if (oldslot->tts_isnull[att[K_STATE] - 1] ||
+			DatumGetObjectId(oldslot->tts_values[att[K_STATE] - 1]) != pending)
+			continue;
+
+		ExecClearTuple(newslot);
+		memcpy(newslot->tts_values, oldslot->tts_values, sizeof(Datum) * desc->natts);
+		memcpy(newslot->tts_isnull, oldslot->tts_isnull, sizeof(bool) * desc->natts);
+#define SET(col, v) (newslot->tts_values[att[col] - 1] = (v), newslot->tts_isnull[att[col] - 1] = false)
+		SET(K_STATE, running);
+		SET(K_ATTEMPTS,
+			Int32GetDatum(DatumGetInt32(oldslot->tts_values[att[K_ATTEMPTS] - 1]) + 1));
+		SET(K_LEASE_OWNER, worker);
+		SET(K_LEASE_EXPIRES_AT, expires);
+		SET(K_STARTED_AT, now);
+		SET(K_UPDATED_AT, now);
+#undef SET
+		ExecStoreVirtualTuple(newslot);
+		if (desc->constr)
+			ExecConstraints(rri, newslot, estate);
+
+		result = table_tuple_update(rel, &tid, newslot, cid, snapshot, InvalidSnapshot,
+									false, &tmfd, &lockmode, &update_indexes);
+		if (result == TM_BeingModified && locked_by_us(oldslot))
+			result = table_tuple_update(rel, &tid, newslot, cid, snapshot, InvalidSnapshot,
+										true, &tmfd, &lockmode, &update_indexes);
+		if (result != TM_Ok)
+			continue;
+		if (update_indexes)
+			recheck = ExecInsertIndexTuples(rri, newslot, estate, true, false, NULL, NIL);
+		if (after_triggers)
+			ExecARUpdateTriggers(estate, rri, NULL, NULL, &tid, NULL, newslot,
+								 recheck, NULL, false);
+		list_free(recheck);
+
+		/* the row as RETURNING gives it: the new values, the old ones kept */
+		for (int c = 0; c < K_NOUT; c++)
+		{
+			out[c] = newslot->tts_values[att[c] - 1];
+			outnulls[c] = newslot->tts_isnull[att[c] - 1];
+		}
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, out, outnulls);
+		claimed++;
+	}
+
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(oldslot);
+	ExecDropSingleTupleTableSlot(newslot);
+	if (after_triggers)
+		AfterTriggerEndQuery(estate);
+	PopActiveSnapshot();
+	ExecCloseResultRelations(estate);
+	ExecResetTupleTable(estate->es_tupleTable, false);	/* the triggers' slots */
+	FreeExecutorState(estate);
+	index_close(idx, NoLock);
+	table_close(rel, NoLock);
+	CommandCounterIncrement();
+	return true;
+}
+
 /* beat.claim(flow, worker, max_tasks, lease): lease due tasks in claim order. */
 Datum
 beat_claim(PG_FUNCTION_ARGS)
@@ -1008,6 +1361,12 @@ beat_claim(PG_FUNCTION_ARGS)
 	 * step of the plan goes through an index.
 	 */
 	promote_due(values[0]);
+	if (claim_direct(rsinfo, values[0], values[1], PG_GETARG_INT32(2),
+					 values[3], PG_ARGISNULL(3)))
+	{
+		beat_spi_finish();
+		return (Datum) 0;
+	}
 	beat_prepare_opts(&plan_claim,
 				 "WITH u AS ("
 				 "  UPDATE beat.task t SET state = 'running', attempts = t.attempts + 1,"

@@ -407,14 +407,69 @@ SELECT count(*) FROM beat.enqueue_batch('qd', '[{"t": 1}, {"t": 2}]'::jsonb);
 DROP TRIGGER seen ON beat.task;
 SELECT array_agg(params->>'t' ORDER BY params->>'t') AS trigger_saw FROM pg_temp.seen;
 
+-- claim, written directly -----------------------------------------------
+
+-- A claim updates each task where it finds it in task_claim_idx, without
+-- the claim statement, which would lock it and then look it up again
+-- through the primary key.  (The scans counted are this transaction's:
+-- the flush before it empties what this backend had not yet reported.)
+SELECT count(*) FROM beat.create_flow('qc', workers => 0);
+SELECT count(*) FROM beat.enqueue_batch('qc', (SELECT array_agg(jsonb_build_object('n', g)) FROM generate_series(1, 6) g));
+SELECT pg_stat_force_next_flush();
+BEGIN;
+SELECT array_agg(params->>'n' ORDER BY id) AS claimed FROM beat.claim('qc', 'w-c', 2);
+SELECT pg_stat_get_xact_numscans('beat.task_pkey'::regclass) AS pkey_scans;
+COMMIT;
+-- AFTER ROW update triggers fire for each task it claims, as the
+-- statement's would: a column list and a WHEN are honoured.
+CREATE TABLE pg_temp.fired (trig text, id bigint, old_state text, new_state text);
+CREATE FUNCTION pg_temp.fired() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO pg_temp.fired VALUES (TG_NAME, NEW.id, OLD.state, NEW.state); RETURN NEW; END $$;
+CREATE TRIGGER of_state AFTER UPDATE OF state ON beat.task
+    FOR EACH ROW EXECUTE FUNCTION pg_temp.fired();
+CREATE TRIGGER of_result AFTER UPDATE OF result ON beat.task
+    FOR EACH ROW EXECUTE FUNCTION pg_temp.fired();
+CREATE TRIGGER retried AFTER UPDATE ON beat.task
+    FOR EACH ROW WHEN (NEW.attempts > 1) EXECUTE FUNCTION pg_temp.fired();
+SELECT pg_stat_force_next_flush();
+BEGIN;
+SELECT array_agg(params->>'n' ORDER BY id) AS claimed FROM beat.claim('qc', 'w-c', 2);
+SELECT pg_stat_get_xact_numscans('beat.task_pkey'::regclass) AS pkey_scans;
+COMMIT;
+-- A BEFORE update trigger sends the claim back to the statement, which
+-- fires it too.
+CREATE TRIGGER before_claim BEFORE UPDATE ON beat.task
+    FOR EACH ROW EXECUTE FUNCTION pg_temp.fired();
+SELECT pg_stat_force_next_flush();
+BEGIN;
+SELECT array_agg(params->>'n' ORDER BY id) AS claimed FROM beat.claim('qc', 'w-c', 1);
+SELECT pg_stat_get_xact_numscans('beat.task_pkey'::regclass) AS pkey_scans;
+COMMIT;
+DROP TRIGGER of_state ON beat.task;
+DROP TRIGGER of_result ON beat.task;
+DROP TRIGGER retried ON beat.task;
+DROP TRIGGER before_claim ON beat.task;
+SELECT f.trig, t.params->>'n' AS n, f.old_state, f.new_state
+FROM pg_temp.fired f JOIN beat.task t USING (id) ORDER BY n, f.trig;
+-- The CHECK constraints hold: a claim that would break one fails whole,
+-- here at its second task, and leaves the first one pending.
+ALTER TABLE beat.task ADD CONSTRAINT not_held CHECK (state <> 'running' OR NOT params ? 'hold') NOT VALID;
+SELECT count(*) FROM beat.enqueue('qc', '{"hold": true}');
+SELECT pg_temp.err($$SELECT * FROM beat.claim('qc', 'w-c', 5)$$);
+SELECT params, state FROM beat.task WHERE flow = 'qc' AND state = 'pending' ORDER BY id;
+ALTER TABLE beat.task DROP CONSTRAINT not_held;
+
 -- claim, planned once ----------------------------------------------------
 
--- Promote and claim keep one generic plan per session, made with
--- sequential scans off: made while beat.task is empty, it still goes
--- through the indexes once the table holds 3,000 tasks.  So does reap,
--- which the launcher calls every second.
+-- Promote and the claim statement keep one generic plan per session,
+-- made with sequential scans off: made while beat.task is empty, it still
+-- goes through the indexes once the table holds 3,000 tasks.  So does
+-- reap, which the launcher calls every second.  (A BEFORE trigger that
+-- does nothing sends the claims here to the statement.)
 SELECT count(*) FROM beat.create_flow('qs', workers => 0);
 TRUNCATE beat.task;
+CREATE FUNCTION pg_temp.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+CREATE TRIGGER noop BEFORE UPDATE ON beat.task FOR EACH ROW EXECUTE FUNCTION pg_temp.noop();
 SELECT count(*) FROM beat.claim('qs', 'w-plan', 10);
 SELECT * FROM beat.reap();
 SELECT count(*) FROM beat.enqueue_batch('qs', (SELECT array_agg('{}'::jsonb) FROM generate_series(1, 3000)));
@@ -428,6 +483,7 @@ SELECT * FROM beat.reap();
 SELECT * FROM beat.reap();
 SELECT pg_stat_force_next_flush();
 SELECT seq_scan - :seq0 AS reap_seq_scans FROM pg_stat_user_tables WHERE relid = 'beat.task'::regclass;
+DROP TRIGGER noop ON beat.task;
 
 -- complete, complete_batch, heartbeat and fail find their tasks through
 -- the primary key, also in a generic plan made while the statistics say
