@@ -29,7 +29,6 @@
 
 #include "access/genam.h"
 #include "access/heapam.h"
-#include "access/htup_details.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
@@ -44,7 +43,6 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
-#include "storage/bufmgr.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -55,6 +53,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
+#include "common/int.h"
 #include "common/pg_prng.h"
 
 #include "pg_beat.h"
@@ -983,18 +982,17 @@ promote_due(Datum flow)
 /*
  * The direct claim.
  *
- * The claim statement (below) locks each row it picks with FOR UPDATE
- * SKIP LOCKED (a WAL record per row, and for each row another claimer
- * holds, a try of a heavyweight lock), then it finds each
- * picked row again through the primary key to update it.  Here the claim
- * index is walked once and each due task updated where it was found,
- * without waiting (table_tuple_update with wait = false).  A task another
- * transaction is writing or has locked is skipped, as SKIP LOCKED skips
- * it; one this transaction alone has locked is taken, as SKIP LOCKED
- * takes it.  A task that changed since the snapshot is skipped too: the
- * statement would follow it to its new version in READ COMMITTED, and
- * raise a serialization error in REPEATABLE READ.  It is left for the
- * next claim.
+ * The claim statement (below) picks due rows from task_claim_idx, locks
+ * them FOR UPDATE SKIP LOCKED, then finds each one again through the
+ * primary key to update it, every step a node of the executor.  Here the
+ * claim index is walked once, and each due task is locked and updated
+ * where it was found, with the table access method's own calls.  The
+ * lock is taken as SKIP LOCKED takes it (table_tuple_lock with
+ * LockWaitSkip): a task another transaction writes or holds is skipped,
+ * one this transaction holds is taken.  A task that changed since the
+ * snapshot is skipped too: the statement would follow it to its new
+ * version in READ COMMITTED, and raise a serialization error in
+ * REPEATABLE READ.  It is left for the next claim.
  *
  * What the UPDATE does besides is done here too: the CHECK constraints,
  * the index entries (with the hint that lets the unchanged primary key
@@ -1038,23 +1036,22 @@ static const ClaimCol claim_index_keys[] = {K_FLOW, K_PRIORITY, K_RUN_AT, K_ID};
 static SPIPlanPtr plan_claim_flow = NULL;
 
 /*
- * Find claim_cols in rel and open its claim index; false if rel or the
- * index is not what the direct claim expects (see above), or the result
- * type is not beat.claimed_task as this code knows it.
+ * Find claim_cols in rel; false if rel is not what the direct claim
+ * expects (see above), or the result type is not beat.claimed_task as
+ * this code knows it.
  */
 static bool
-claim_table(Relation rel, TupleDesc out, AttrNumber *att, Relation *idx_out)
+claim_table(Relation rel, TupleDesc out, AttrNumber *att)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
 	TriggerDesc *td = rel->trigdesc;
-	Oid			idxoid;
-	Relation	idx;
-	bool		ok;
+	Oid			relid = RelationGetRelid(rel);
 
 	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relispartition ||
+		rel->rd_rel->relhassubclass ||
 		rel->rd_tableam != GetHeapamTableAmRoutine() ||
-		pg_class_aclcheck(RelationGetRelid(rel), GetUserId(),
-						  ACL_SELECT | ACL_UPDATE) != ACLCHECK_OK ||
+		pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK ||
+		pg_class_aclcheck(relid, GetUserId(), ACL_UPDATE) != ACLCHECK_OK ||
 		rel->rd_rules != NULL || rel->rd_rel->relrowsecurity ||
 		(td && (td->trig_update_before_row || td->trig_update_instead_row ||
 				td->trig_update_before_statement || td->trig_update_after_statement ||
@@ -1086,54 +1083,58 @@ claim_table(Relation rel, TupleDesc out, AttrNumber *att, Relation *idx_out)
 		if (att[c] == InvalidAttrNumber ||
 			(c < K_NOUT && TupleDescAttr(out, c)->atttypid != claim_types[c]))
 			return false;
-
-	/*
-	 * task_claim_idx: a valid btree on (flow, priority, run_at, id), all
-	 * ascending, so that its order is the claim order.  Its predicate is
-	 * not trusted: each task's state is read again below.
-	 */
-	idxoid = get_relname_relid("task_claim_idx", RelationGetNamespace(rel));
-	if (!OidIsValid(idxoid))
-		return false;
-	idx = index_open(idxoid, RowExclusiveLock);
-	ok = idx->rd_rel->relam == BTREE_AM_OID &&
-		idx->rd_index->indrelid == RelationGetRelid(rel) &&
-		idx->rd_index->indisvalid &&
-		idx->rd_index->indnkeyatts == lengthof(claim_index_keys) &&
-		RelationGetIndexExpressions(idx) == NIL &&
-		idx->rd_opcintype[0] == TEXTOID;
-	for (int k = 0; ok && k < lengthof(claim_index_keys); k++)
-		ok = idx->rd_index->indkey.values[k] == att[claim_index_keys[k]] &&
-			idx->rd_indoption[k] == 0;
-	if (!ok)
-	{
-		index_close(idx, NoLock);
-		return false;
-	}
-	*idx_out = idx;
 	return true;
 }
 
 /*
- * Whether the task in slot (a heap buffer slot) is locked by this
- * transaction alone.  The promotion's FOR UPDATE leaves its lock on the
- * pending version it makes, and a task the claiming transaction itself
- * locked is not skipped by SKIP LOCKED either.  Updating it waits for no
- * one.
+ * task_claim_idx among the indexes rri has opened (and locked): a valid
+ * btree on (flow, priority, run_at, id), all ascending, so that its order
+ * is the claim order, WHERE state = 'pending', so that it holds every
+ * pending task.  NULL if there is no such index.
  */
-static bool
-locked_by_us(TupleTableSlot *slot)
+static Relation
+claim_index(ResultRelInfo *rri, AttrNumber *att, Oid pending)
 {
-	BufferHeapTupleTableSlot *bslot = (BufferHeapTupleTableSlot *) slot;
-	HeapTupleHeader tup = bslot->base.tuple->t_data;
-	bool		ours;
+	for (int i = 0; i < rri->ri_NumIndices; i++)
+	{
+		Relation	idx = rri->ri_IndexRelationDescs[i];
+		List	   *pred;
+		OpExpr	   *op;
+		bool		ok;
 
-	LockBuffer(bslot->buffer, BUFFER_LOCK_SHARE);
-	ours = !(tup->t_infomask & (HEAP_XMAX_INVALID | HEAP_XMAX_IS_MULTI)) &&
-		HEAP_XMAX_IS_LOCKED_ONLY(tup->t_infomask) &&
-		TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetRawXmax(tup));
-	LockBuffer(bslot->buffer, BUFFER_LOCK_UNLOCK);
-	return ours;
+		if (strcmp(RelationGetRelationName(idx), "task_claim_idx") != 0)
+			continue;
+		ok = idx->rd_rel->relam == BTREE_AM_OID &&
+			idx->rd_index->indisvalid &&
+			idx->rd_index->indnkeyatts == lengthof(claim_index_keys) &&
+			RelationGetIndexExpressions(idx) == NIL &&
+			idx->rd_opcintype[0] == TEXTOID;
+		for (int k = 0; ok && k < lengthof(claim_index_keys); k++)
+			ok = idx->rd_index->indkey.values[k] == att[claim_index_keys[k]] &&
+				idx->rd_indoption[k] == 0;
+		pred = ok ? RelationGetIndexPredicate(idx) : NIL;
+		op = list_length(pred) == 1 && IsA(linitial(pred), OpExpr) ? linitial(pred) : NULL;
+		if (op && list_length(op->args) == 2 &&
+			get_opcode(op->opno) == F_ENUM_EQ &&
+			IsA(linitial(op->args), Var) &&
+			((Var *) linitial(op->args))->varattno == att[K_STATE] &&
+			IsA(lsecond(op->args), Const) &&
+			!((Const *) lsecond(op->args))->constisnull &&
+			DatumGetObjectId(((Const *) lsecond(op->args))->constvalue) == pending)
+			return idx;
+		return NULL;
+	}
+	return NULL;
+}
+
+/* Let go of what claim_direct opened. */
+static void
+claim_end(EState *estate, Relation rel)
+{
+	ExecCloseResultRelations(estate);
+	ExecResetTupleTable(estate->es_tupleTable, false);	/* the triggers' slots */
+	FreeExecutorState(estate);
+	table_close(rel, NoLock);
 }
 
 /*
@@ -1170,33 +1171,16 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	TupleTableSlot *newslot;
 	int			claimed = 0;
 
+	PreventCommandIfReadOnly("beat.claim()");
+
 	/* The table lock first, then the flow, as insert_direct does. */
 	rel = table_openrv(makeRangeVar("beat", "task", -1), RowExclusiveLock);
-	if (!claim_table(rel, rsinfo->setDesc, att, &idx))
+	if (!claim_table(rel, rsinfo->setDesc, att))
 	{
 		table_close(rel, NoLock);
 		return false;
 	}
 	desc = RelationGetDescr(rel);
-	CheckCmdReplicaIdentity(rel, CMD_UPDATE);
-
-	beat_prepare(&plan_claim_flow,
-				 "SELECT paused, lease FROM beat.flow WHERE name = $1",
-				 1, argtypes);
-	beat_execute(plan_claim_flow, &flow, " ", SPI_OK_SELECT);
-	if (SPI_processed == 0)
-		flow_missing(flow);
-	if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
-	{
-		/* paused: nothing to claim */
-		index_close(idx, NoLock);
-		table_close(rel, NoLock);
-		return true;
-	}
-	if (lease_null)
-		lease = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
-	expires = DirectFunctionCall2(timestamptz_pl_interval, now, lease);
-
 	state_type = TupleDescAttr(desc, att[K_STATE] - 1)->atttypid;
 	pending = DatumGetObjectId(DirectFunctionCall2(enum_in, CStringGetDatum("pending"),
 												   ObjectIdGetDatum(state_type)));
@@ -1219,7 +1203,6 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	rte->relid = RelationGetRelid(rel);
 	rte->relkind = RELKIND_RELATION;
 	rte->rellockmode = RowExclusiveLock;
-	rte->requiredPerms = ACL_SELECT | ACL_UPDATE;
 	rte->updatedCols = updated;
 	estate = CreateExecutorState();
 	ExecInitRangeTable(estate, list_make1(rte));
@@ -1228,7 +1211,29 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	/* where firing a trigger looks for it (and closing, for its indexes) */
 	estate->es_opened_result_relations = list_make1(rri);
 	ExecOpenIndices(rri, false);
-	after_triggers = rel->trigdesc && rel->trigdesc->trig_update_after_row;
+	idx = claim_index(rri, att, pending);
+	if (idx == NULL)
+	{
+		claim_end(estate, rel);
+		return false;
+	}
+	CheckCmdReplicaIdentity(rel, CMD_UPDATE);
+
+	beat_prepare(&plan_claim_flow,
+				 "SELECT paused, lease FROM beat.flow WHERE name = $1",
+				 1, argtypes);
+	beat_execute(plan_claim_flow, &flow, " ", SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		flow_missing(flow);
+	if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+	{
+		/* paused: nothing to claim */
+		claim_end(estate, rel);
+		return true;
+	}
+	if (lease_null)
+		lease = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	expires = DirectFunctionCall2(timestamptz_pl_interval, now, lease);
 
 	/*
 	 * What the promotion just wrote must be seen, what we write now must
@@ -1241,6 +1246,7 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	snapshot = GetActiveSnapshot();
 	estate->es_snapshot = snapshot;
 	estate->es_output_cid = cid;
+	after_triggers = rel->trigdesc && rel->trigdesc->trig_update_after_row;
 	if (after_triggers)
 		AfterTriggerBeginQuery();
 
@@ -1253,29 +1259,46 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 
 	while (claimed < max_tasks && index_getnext_slot(scan, ForwardScanDirection, oldslot))
 	{
+		ItemPointerData tid = oldslot->tts_tid;
 		TM_Result	result;
 		TM_FailureData tmfd;
 		LockTupleMode lockmode;
 		bool		update_indexes;
-		ItemPointerData tid = oldslot->tts_tid;
+		bool		state_null;
+		int32		attempts;
 		List	   *recheck = NIL;
 		Datum		out[K_NOUT];
 		bool		outnulls[K_NOUT];
 
 		CHECK_FOR_INTERRUPTS();
 		ResetPerTupleExprContext(estate);
-		slot_getallattrs(oldslot);
-		if (oldslot->tts_isnull[att[K_STATE] - 1] ||
-			DatumGetObjectId(oldslot->tts_values[att[K_STATE] - 1]) != pending)
+		if (DatumGetObjectId(slot_getattr(oldslot, att[K_STATE], &state_null)) != pending ||
+			state_null)
 			continue;
+
+		/*
+		 * Lock the version we saw, as FOR NO KEY UPDATE SKIP LOCKED would
+		 * (the strength of the update's own lock); a task another
+		 * transaction holds or changed since the snapshot is skipped.
+		 */
+		if (table_tuple_lock(rel, &tid, snapshot, oldslot, cid, LockTupleNoKeyExclusive,
+							 LockWaitSkip, 0, &tmfd) != TM_Ok)
+			continue;
+		slot_getallattrs(oldslot);
 
 		ExecClearTuple(newslot);
 		memcpy(newslot->tts_values, oldslot->tts_values, sizeof(Datum) * desc->natts);
 		memcpy(newslot->tts_isnull, oldslot->tts_isnull, sizeof(bool) * desc->natts);
+		if (oldslot->tts_isnull[att[K_ATTEMPTS] - 1] ||
+			pg_add_s32_overflow(DatumGetInt32(oldslot->tts_values[att[K_ATTEMPTS] - 1]),
+								1, &attempts))
+			ereport(ERROR,
+					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+					 errmsg("attempts of task " INT64_FORMAT " out of range",
+							DatumGetInt64(oldslot->tts_values[att[K_ID] - 1]))));
 #define SET(col, v) (newslot->tts_values[att[col] - 1] = (v), newslot->tts_isnull[att[col] - 1] = false)
 		SET(K_STATE, running);
-		SET(K_ATTEMPTS,
-			Int32GetDatum(DatumGetInt32(oldslot->tts_values[att[K_ATTEMPTS] - 1]) + 1));
+		SET(K_ATTEMPTS, Int32GetDatum(attempts));
 		SET(K_LEASE_OWNER, worker);
 		SET(K_LEASE_EXPIRES_AT, expires);
 		SET(K_STARTED_AT, now);
@@ -1285,13 +1308,12 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 		if (desc->constr)
 			ExecConstraints(rri, newslot, estate);
 
+		/* ours alone now: the update waits for no one */
 		result = table_tuple_update(rel, &tid, newslot, cid, snapshot, InvalidSnapshot,
-									false, &tmfd, &lockmode, &update_indexes);
-		if (result == TM_BeingModified && locked_by_us(oldslot))
-			result = table_tuple_update(rel, &tid, newslot, cid, snapshot, InvalidSnapshot,
-										true, &tmfd, &lockmode, &update_indexes);
+									true, &tmfd, &lockmode, &update_indexes);
 		if (result != TM_Ok)
-			continue;
+			elog(ERROR, "pg_beat: could not update locked task " INT64_FORMAT " (%d)",
+				 DatumGetInt64(oldslot->tts_values[att[K_ID] - 1]), (int) result);
 		if (update_indexes)
 			recheck = ExecInsertIndexTuples(rri, newslot, estate, true, false, NULL, NIL);
 		if (after_triggers)
@@ -1315,11 +1337,7 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	if (after_triggers)
 		AfterTriggerEndQuery(estate);
 	PopActiveSnapshot();
-	ExecCloseResultRelations(estate);
-	ExecResetTupleTable(estate->es_tupleTable, false);	/* the triggers' slots */
-	FreeExecutorState(estate);
-	index_close(idx, NoLock);
-	table_close(rel, NoLock);
+	claim_end(estate, rel);
 	CommandCounterIncrement();
 	return true;
 }

@@ -458,6 +458,10 @@ SELECT count(*) FROM beat.enqueue('qc', '{"hold": true}');
 SELECT pg_temp.err($$SELECT * FROM beat.claim('qc', 'w-c', 5)$$);
 SELECT params, state FROM beat.task WHERE flow = 'qc' AND state = 'pending' ORDER BY id;
 ALTER TABLE beat.task DROP CONSTRAINT not_held;
+-- An attempt count that would pass its type's limit is an error, as in
+-- the statement (integer out of range).
+UPDATE beat.task SET attempts = 2147483647 WHERE flow = 'qc' AND params = '{"n": 6}';
+SELECT pg_temp.err($$SELECT * FROM beat.claim('qc', 'w-c', 1)$$);
 
 -- claim, planned once ----------------------------------------------------
 
