@@ -987,9 +987,11 @@ promote_due(Datum flow)
  * primary key to update it, every step a node of the executor.  Here the
  * claim index is walked once, and each due task is locked and updated
  * where it was found, with the table access method's own calls.  The
- * lock is taken as SKIP LOCKED takes it (table_tuple_lock with
- * LockWaitSkip): a task another transaction writes or holds is skipped,
- * one this transaction holds is taken.  A task that changed since the
+ * lock is taken as FOR NO KEY UPDATE SKIP LOCKED takes it
+ * (table_tuple_lock with LockWaitSkip): a task another transaction
+ * writes or holds is skipped, one this transaction holds is taken.  (A
+ * task held only FOR KEY SHARE is taken: that lock does not conflict with
+ * this one; the statement's FOR UPDATE would skip it.)  A task that changed since the
  * snapshot is skipped too: the statement would follow it to its new
  * version in READ COMMITTED, and raise a serialization error in
  * REPEATABLE READ.  It is left for the next claim.
@@ -1212,7 +1214,14 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	estate->es_opened_result_relations = list_make1(rri);
 	ExecOpenIndices(rri, false);
 	idx = claim_index(rri, att, pending);
-	if (idx == NULL)
+
+	/*
+	 * Only a key column (one of a unique index that a foreign key could
+	 * reference) changing would make the update take a stronger lock than
+	 * the claim's, and wait for a FOR KEY SHARE locker.
+	 */
+	if (idx == NULL ||
+		bms_overlap(RelationGetIndexAttrBitmap(rel, INDEX_ATTR_BITMAP_KEY), updated))
 	{
 		claim_end(estate, rel);
 		return false;
@@ -1264,6 +1273,7 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 		TM_FailureData tmfd;
 		LockTupleMode lockmode;
 		bool		update_indexes;
+		Datum		state;
 		bool		state_null;
 		int32		attempts;
 		List	   *recheck = NIL;
@@ -1272,14 +1282,15 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 
 		CHECK_FOR_INTERRUPTS();
 		ResetPerTupleExprContext(estate);
-		if (DatumGetObjectId(slot_getattr(oldslot, att[K_STATE], &state_null)) != pending ||
-			state_null)
+		state = slot_getattr(oldslot, att[K_STATE], &state_null);
+		if (state_null || DatumGetObjectId(state) != pending)
 			continue;
 
 		/*
 		 * Lock the version we saw, as FOR NO KEY UPDATE SKIP LOCKED would
-		 * (the strength of the update's own lock); a task another
-		 * transaction holds or changed since the snapshot is skipped.
+		 * (the strength of the update's own lock, no key column changing);
+		 * a task another transaction holds or changed since the snapshot
+		 * is skipped.
 		 */
 		if (table_tuple_lock(rel, &tid, snapshot, oldslot, cid, LockTupleNoKeyExclusive,
 							 LockWaitSkip, 0, &tmfd) != TM_Ok)
@@ -1289,16 +1300,18 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 		ExecClearTuple(newslot);
 		memcpy(newslot->tts_values, oldslot->tts_values, sizeof(Datum) * desc->natts);
 		memcpy(newslot->tts_isnull, oldslot->tts_isnull, sizeof(bool) * desc->natts);
-		if (oldslot->tts_isnull[att[K_ATTEMPTS] - 1] ||
-			pg_add_s32_overflow(DatumGetInt32(oldslot->tts_values[att[K_ATTEMPTS] - 1]),
-								1, &attempts))
-			ereport(ERROR,
-					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-					 errmsg("attempts of task " INT64_FORMAT " out of range",
-							DatumGetInt64(oldslot->tts_values[att[K_ID] - 1]))));
+		/* attempts + 1, as the statement computes it (NULL stays NULL) */
+		if (!oldslot->tts_isnull[att[K_ATTEMPTS] - 1])
+		{
+			if (pg_add_s32_overflow(DatumGetInt32(oldslot->tts_values[att[K_ATTEMPTS] - 1]),
+									1, &attempts))
+				ereport(ERROR,
+						(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+						 errmsg("integer out of range")));
+			newslot->tts_values[att[K_ATTEMPTS] - 1] = Int32GetDatum(attempts);
+		}
 #define SET(col, v) (newslot->tts_values[att[col] - 1] = (v), newslot->tts_isnull[att[col] - 1] = false)
 		SET(K_STATE, running);
-		SET(K_ATTEMPTS, Int32GetDatum(attempts));
 		SET(K_LEASE_OWNER, worker);
 		SET(K_LEASE_EXPIRES_AT, expires);
 		SET(K_STARTED_AT, now);
