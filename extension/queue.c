@@ -221,14 +221,17 @@ check_key(text *key)
 
 static void flow_missing(Datum flow) pg_attribute_noreturn();
 
-/* Raise "flow does not exist" unless the flow exists. */
+/*
+ * Raise "flow does not exist" unless the flow exists; else its row (paused,
+ * lease) is left in SPI_tuptable.
+ */
 static void
 require_flow(Datum flow)
 {
 	Oid			argtypes[1] = {TEXTOID};
 
 	beat_prepare(&plan_flow_exists,
-				 "SELECT paused FROM beat.flow WHERE name = $1",
+				 "SELECT paused, lease FROM beat.flow WHERE name = $1",
 				 1, argtypes);
 	beat_execute(plan_flow_exists, &flow, " ", SPI_OK_SELECT);
 	if (SPI_processed == 0)
@@ -517,7 +520,7 @@ static const char *const direct_cols[D_NCOLS] = {
 	"params", "correlation_id", "created_at", "updated_at"
 };
 
-/* Their types (the state's is an enum, checked apart). */
+/* Their types (InvalidOid: an enum, the state's; see column_is). */
 static const Oid direct_types[D_NCOLS] = {
 	INT8OID, TEXTOID, InvalidOid, INT4OID, TIMESTAMPTZOID, INT4OID, INT4OID,
 	JSONBOID, UUIDOID, TIMESTAMPTZOID, TIMESTAMPTZOID
@@ -529,6 +532,37 @@ static const char *const direct_null_cols[] = {
 	"lease_expires_at", "started_at", "finished_at", "provider",
 	"credential_id"
 };
+
+/*
+ * Whether rel is a table the direct writes (of a batch, and of a claim)
+ * may write with the table access method's own calls: a plain heap table,
+ * not a partition, with no rules or row security, that we may read and
+ * write as need says (each privilege on its own: pg_class_aclcheck passes
+ * a mask when any one of its privileges is held).  The callers check the
+ * triggers of their kind of write.
+ */
+static bool
+direct_table(Relation rel, AclMode need)
+{
+	Oid			relid = RelationGetRelid(rel);
+
+	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relispartition ||
+		rel->rd_tableam != GetHeapamTableAmRoutine() ||
+		rel->rd_rules != NULL || rel->rd_rel->relrowsecurity)
+		return false;
+	for (AclMode bit = 1; bit != 0 && bit <= need; bit <<= 1)
+		if ((need & bit) && pg_class_aclcheck(relid, GetUserId(), bit) != ACLCHECK_OK)
+			return false;
+	return true;
+}
+
+/* Whether column a has type; InvalidOid stands for an enum (the state). */
+static bool
+column_is(Form_pg_attribute a, Oid type)
+{
+	return OidIsValid(type) ? a->atttypid == type :
+		get_typtype(a->atttypid) == TYPTYPE_ENUM;
+}
 
 #define DIRECT_CHUNK 100		/* rows per heap_multi_insert: a few pages */
 
@@ -547,10 +581,7 @@ direct_columns(Relation rel, AttrNumber *att)
 	TupleDesc	desc = RelationGetDescr(rel);
 	TriggerDesc *td = rel->trigdesc;
 
-	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relispartition ||
-		rel->rd_tableam != GetHeapamTableAmRoutine() ||
-		pg_class_aclcheck(RelationGetRelid(rel), GetUserId(), ACL_INSERT) != ACLCHECK_OK ||
-		rel->rd_rules != NULL || rel->rd_rel->relrowsecurity ||
+	if (!direct_table(rel, ACL_INSERT) ||
 		(td && (td->trig_insert_before_row || td->trig_insert_after_row ||
 				td->trig_insert_instead_row || td->trig_insert_before_statement ||
 				td->trig_insert_after_statement || td->trig_insert_new_table)))
@@ -570,8 +601,7 @@ direct_columns(Relation rel, AttrNumber *att)
 		for (int c = 0; c < D_NCOLS && !known; c++)
 			if (strcmp(name, direct_cols[c]) == 0)
 			{
-				if (c == D_STATE ? get_typtype(a->atttypid) != TYPTYPE_ENUM :
-					a->atttypid != direct_types[c])
+				if (!column_is(a, direct_types[c]))
 					return false;
 				att[c] = a->attnum;
 				known = true;
@@ -1025,17 +1055,20 @@ static const char *const claim_cols[K_NCOLS] = {
 	"lease_expires_at", "state", "lease_owner", "started_at", "updated_at"
 };
 
-/* Their types (the state's is an enum, checked apart). */
+/* Their types (InvalidOid: the state's enum; see column_is). */
 static const Oid claim_types[K_NCOLS] = {
 	INT8OID, TEXTOID, JSONBOID, INT4OID, INT4OID, INT4OID,
 	TEXTOID, UUIDOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
 	TIMESTAMPTZOID, InvalidOid, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID
 };
 
+/* The columns a claim writes (claim_direct sets each). */
+static const ClaimCol claim_written[] = {
+	K_STATE, K_ATTEMPTS, K_LEASE_OWNER, K_LEASE_EXPIRES_AT, K_STARTED_AT, K_UPDATED_AT
+};
+
 /* The claim index's key columns, in order. */
 static const ClaimCol claim_index_keys[] = {K_FLOW, K_PRIORITY, K_RUN_AT, K_ID};
-
-static SPIPlanPtr plan_claim_flow = NULL;
 
 /*
  * Find claim_cols in rel; false if rel is not what the direct claim
@@ -1047,14 +1080,9 @@ claim_table(Relation rel, TupleDesc out, AttrNumber *att)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
 	TriggerDesc *td = rel->trigdesc;
-	Oid			relid = RelationGetRelid(rel);
 
-	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relispartition ||
-		rel->rd_rel->relhassubclass ||
-		rel->rd_tableam != GetHeapamTableAmRoutine() ||
-		pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK ||
-		pg_class_aclcheck(relid, GetUserId(), ACL_UPDATE) != ACLCHECK_OK ||
-		rel->rd_rules != NULL || rel->rd_rel->relrowsecurity ||
+	/* an UPDATE of beat.task would also update its inheritors */
+	if (!direct_table(rel, ACL_SELECT | ACL_UPDATE) || rel->rd_rel->relhassubclass ||
 		(td && (td->trig_update_before_row || td->trig_update_instead_row ||
 				td->trig_update_before_statement || td->trig_update_after_statement ||
 				td->trig_update_new_table || td->trig_update_old_table)))
@@ -1075,8 +1103,7 @@ claim_table(Relation rel, TupleDesc out, AttrNumber *att)
 		for (int c = 0; c < K_NCOLS; c++)
 			if (strcmp(NameStr(a->attname), claim_cols[c]) == 0)
 			{
-				if (c == K_STATE ? get_typtype(a->atttypid) != TYPTYPE_ENUM :
-					a->atttypid != claim_types[c])
+				if (!column_is(a, claim_types[c]))
 					return false;
 				att[c] = a->attnum;
 			}
@@ -1149,7 +1176,6 @@ static bool
 claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 			 Datum lease, bool lease_null)
 {
-	Oid			argtypes[1] = {TEXTOID};
 	Relation	rel;
 	Relation	idx;
 	TupleDesc	desc;
@@ -1194,12 +1220,9 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	 * triggers.  Its one range table entry says which columns change: the
 	 * "UPDATE OF state" of a trigger and the index hint read it.
 	 */
-	updated = bms_add_member(updated, att[K_STATE] - FirstLowInvalidHeapAttributeNumber);
-	updated = bms_add_member(updated, att[K_ATTEMPTS] - FirstLowInvalidHeapAttributeNumber);
-	updated = bms_add_member(updated, att[K_LEASE_OWNER] - FirstLowInvalidHeapAttributeNumber);
-	updated = bms_add_member(updated, att[K_LEASE_EXPIRES_AT] - FirstLowInvalidHeapAttributeNumber);
-	updated = bms_add_member(updated, att[K_STARTED_AT] - FirstLowInvalidHeapAttributeNumber);
-	updated = bms_add_member(updated, att[K_UPDATED_AT] - FirstLowInvalidHeapAttributeNumber);
+	for (int c = 0; c < lengthof(claim_written); c++)
+		updated = bms_add_member(updated,
+								 att[claim_written[c]] - FirstLowInvalidHeapAttributeNumber);
 	rte = makeNode(RangeTblEntry);
 	rte->rtekind = RTE_RELATION;
 	rte->relid = RelationGetRelid(rel);
@@ -1228,12 +1251,7 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	}
 	CheckCmdReplicaIdentity(rel, CMD_UPDATE);
 
-	beat_prepare(&plan_claim_flow,
-				 "SELECT paused, lease FROM beat.flow WHERE name = $1",
-				 1, argtypes);
-	beat_execute(plan_claim_flow, &flow, " ", SPI_OK_SELECT);
-	if (SPI_processed == 0)
-		flow_missing(flow);
+	require_flow(flow);
 	if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
 	{
 		/* paused: nothing to claim */
