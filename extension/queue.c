@@ -1199,9 +1199,9 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	TupleTableSlot *newslot;
 	int			claimed = 0;
 
-	PreventCommandIfReadOnly("beat.claim()");
-
-	/* The table lock first, then the flow, as insert_direct does. */
+	/*
+	 * (A read-only transaction needs no check here: promote_due's UPDATE,
+	 * run first, has refused it.)  The table lock first, then the flow, as insert_direct does. */
 	rel = table_openrv(makeRangeVar("beat", "task", -1), RowExclusiveLock);
 	if (!claim_table(rel, rsinfo->setDesc, att))
 	{
@@ -1369,7 +1369,6 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 		AfterTriggerEndQuery(estate);
 	PopActiveSnapshot();
 	claim_end(estate, rel);
-	CommandCounterIncrement();
 	return true;
 }
 

@@ -462,6 +462,12 @@ ALTER TABLE beat.task DROP CONSTRAINT not_held;
 -- the statement (integer out of range).
 UPDATE beat.task SET attempts = 2147483647 WHERE flow = 'qc' AND params = '{"n": 6}';
 SELECT pg_temp.err($$SELECT * FROM beat.claim('qc', 'w-c', 1)$$);
+-- A read-only transaction cannot claim (promoting, the claim's first
+-- write, refuses it), and nothing changes.
+BEGIN READ ONLY;
+SELECT pg_temp.err($$SELECT * FROM beat.claim('qc', 'w-c', 1)$$);
+ROLLBACK;
+SELECT count(*) FILTER (WHERE state = 'pending') AS pending FROM beat.task WHERE flow = 'qc';
 
 -- claim, planned once ----------------------------------------------------
 
