@@ -28,6 +28,7 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/htup_details.h"
 #include "access/heapam.h"
 #include "access/table.h"
 #include "access/tableam.h"
@@ -43,6 +44,8 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "storage/bufmgr.h"
+#include "storage/procarray.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -1156,6 +1159,39 @@ claim_index(ResultRelInfo *rri, AttrNumber *att, Oid pending)
 	return NULL;
 }
 
+/*
+ * Whether another transaction, still running, holds the version in slot
+ * in a way that conflicts with the claim's lock: it updated or deleted it,
+ * or locks it FOR SHARE or stronger.  table_tuple_lock with LockWaitSkip
+ * would skip such a task too, but only after asking the lock manager
+ * twice (the tuple's lock, then the holder's transaction); with several
+ * claimers, most of the tasks a claim passes are held by the others.  A
+ * look at the tuple's header answers first.  A multixact, a lock FOR KEY
+ * SHARE, our own transaction or one that has ended are for
+ * table_tuple_lock to judge.
+ */
+static bool
+claim_held(TupleTableSlot *slot)
+{
+	BufferHeapTupleTableSlot *bslot = (BufferHeapTupleTableSlot *) slot;
+	HeapTupleHeader htup;
+	uint16		infomask;
+	TransactionId xmax = InvalidTransactionId;
+
+	Assert(TTS_IS_BUFFERTUPLE(slot) && BufferIsValid(bslot->buffer));
+	LockBuffer(bslot->buffer, BUFFER_LOCK_SHARE);
+	htup = bslot->base.tuple->t_data;
+	infomask = htup->t_infomask;
+	if (!(infomask & (HEAP_XMAX_INVALID | HEAP_XMAX_IS_MULTI)) &&
+		!(HEAP_XMAX_IS_LOCKED_ONLY(infomask) && HEAP_XMAX_IS_KEYSHR_LOCKED(infomask)))
+		xmax = HeapTupleHeaderGetRawXmax(htup);
+	LockBuffer(bslot->buffer, BUFFER_LOCK_UNLOCK);
+
+	return TransactionIdIsValid(xmax) &&
+		!TransactionIdIsCurrentTransactionId(xmax) &&
+		TransactionIdIsInProgress(xmax);
+}
+
 /* Let go of what claim_direct opened. */
 static void
 claim_end(EState *estate, Relation rel)
@@ -1310,7 +1346,8 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 		 * a task another transaction holds or changed since the snapshot
 		 * is skipped.
 		 */
-		if (table_tuple_lock(rel, &tid, snapshot, oldslot, cid, LockTupleNoKeyExclusive,
+		if (claim_held(oldslot) ||
+			table_tuple_lock(rel, &tid, snapshot, oldslot, cid, LockTupleNoKeyExclusive,
 							 LockWaitSkip, 0, &tmfd) != TM_Ok)
 			continue;
 		slot_getallattrs(oldslot);
