@@ -46,6 +46,7 @@
 #include "nodes/makefuncs.h"
 #include "storage/bufmgr.h"
 #include "storage/procarray.h"
+#include "tcop/utility.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -1066,7 +1067,7 @@ static const Oid claim_types[K_NCOLS] = {
 };
 
 /* The columns a claim writes (claim_direct sets each). */
-static const ClaimCol claim_written[] = {
+static const int claim_written[] = {
 	K_STATE, K_ATTEMPTS, K_LEASE_OWNER, K_LEASE_EXPIRES_AT, K_STARTED_AT, K_UPDATED_AT
 };
 
@@ -1074,26 +1075,58 @@ static const ClaimCol claim_written[] = {
 static const ClaimCol claim_index_keys[] = {K_FLOW, K_PRIORITY, K_RUN_AT, K_ID};
 
 /*
- * Find claim_cols in rel; false if rel is not what the direct claim
- * expects (see above), or the result type is not beat.claimed_task as
- * this code knows it.
+ * A direct update of beat.task: what claim_direct and complete_direct
+ * share.  The executor state holds what an UPDATE statement would do
+ * beside writing the row: its CHECK constraints, index entries and AFTER
+ * ROW triggers.
+ */
+typedef struct DirectUpdate
+{
+	Relation	rel;
+	EState	   *estate;
+	ResultRelInfo *rri;
+	bool		after_triggers;
+	Snapshot	snapshot;
+	CommandId	cid;
+	TupleTableSlot *oldslot;	/* the version found */
+	TupleTableSlot *newslot;	/* the version to write */
+} DirectUpdate;
+
+/*
+ * Open beat.task for a direct update that reads the ncols columns cols (of
+ * types, InvalidOid for the state's enum; see column_is) and writes
+ * written (indexes into cols), and find them (att).  False, with nothing
+ * left open, when the table is not one this code knows exactly: not a
+ * plain heap table we may read and update, inheritors (an UPDATE would
+ * update them too), rules, row security, a BEFORE or statement-level
+ * update trigger, a generated column, a column missing or of another
+ * type, or a key column (one of a unique index a foreign key could
+ * reference) among those written, which would make the update take a
+ * stronger lock than FOR NO KEY UPDATE and wait for FOR KEY SHARE lockers.
+ * Such a table goes to the statement.
  */
 static bool
-claim_table(Relation rel, TupleDesc out, AttrNumber *att)
+update_open(DirectUpdate *du, const char *const *cols, const Oid *types, int ncols,
+			const int *written, int nwritten, AttrNumber *att)
 {
-	TupleDesc	desc = RelationGetDescr(rel);
-	TriggerDesc *td = rel->trigdesc;
+	Relation	rel;
+	TupleDesc	desc;
+	TriggerDesc *td;
+	Bitmapset  *updated = NULL;
+	RangeTblEntry *rte;
 
-	/* an UPDATE of beat.task would also update its inheritors */
+	/* as the statement's executor refuses */
+	PreventCommandIfReadOnly("UPDATE");
+	PreventCommandIfParallelMode("UPDATE");
+	rel = table_openrv(makeRangeVar("beat", "task", -1), RowExclusiveLock);
+	desc = RelationGetDescr(rel);
+	td = rel->trigdesc;
 	if (!direct_table(rel, ACL_SELECT | ACL_UPDATE) || rel->rd_rel->relhassubclass ||
 		(td && (td->trig_update_before_row || td->trig_update_instead_row ||
 				td->trig_update_before_statement || td->trig_update_after_statement ||
 				td->trig_update_new_table || td->trig_update_old_table)))
-		return false;
-	if (out->natts != K_NOUT)
-		return false;
-
-	for (int c = 0; c < K_NCOLS; c++)
+		goto refuse;
+	for (int c = 0; c < ncols; c++)
 		att[c] = InvalidAttrNumber;
 	for (int i = 0; i < desc->natts; i++)
 	{
@@ -1102,20 +1135,131 @@ claim_table(Relation rel, TupleDesc out, AttrNumber *att)
 		if (a->attisdropped)
 			continue;
 		if (a->attgenerated)
-			return false;
-		for (int c = 0; c < K_NCOLS; c++)
-			if (strcmp(NameStr(a->attname), claim_cols[c]) == 0)
+			goto refuse;
+		for (int c = 0; c < ncols; c++)
+			if (strcmp(NameStr(a->attname), cols[c]) == 0)
 			{
-				if (!column_is(a, claim_types[c]))
-					return false;
+				if (!column_is(a, types[c]))
+					goto refuse;
 				att[c] = a->attnum;
 			}
 	}
-	for (int c = 0; c < K_NCOLS; c++)
-		if (att[c] == InvalidAttrNumber ||
-			(c < K_NOUT && TupleDescAttr(out, c)->atttypid != claim_types[c]))
-			return false;
+	for (int c = 0; c < ncols; c++)
+		if (att[c] == InvalidAttrNumber)
+			goto refuse;
+	for (int c = 0; c < nwritten; c++)
+		updated = bms_add_member(updated, att[written[c]] - FirstLowInvalidHeapAttributeNumber);
+	if (bms_overlap(RelationGetIndexAttrBitmap(rel, INDEX_ATTR_BITMAP_KEY), updated))
+		goto refuse;
+
+	/*
+	 * The executor state.  Its one range table entry says which columns
+	 * change: the "UPDATE OF" of a trigger and the index hint read it.
+	 */
+	rte = makeNode(RangeTblEntry);
+	rte->rtekind = RTE_RELATION;
+	rte->relid = RelationGetRelid(rel);
+	rte->relkind = RELKIND_RELATION;
+	rte->rellockmode = RowExclusiveLock;
+	rte->updatedCols = updated;
+	du->rel = rel;
+	du->estate = CreateExecutorState();
+	ExecInitRangeTable(du->estate, list_make1(rte));
+	du->rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(du->rri, rel, 1, NULL, 0);
+	/* where firing a trigger looks for it (and closing, for its indexes) */
+	du->estate->es_opened_result_relations = list_make1(du->rri);
+	ExecOpenIndices(du->rri, false);
+	du->oldslot = NULL;
+	du->newslot = NULL;
+	CheckCmdReplicaIdentity(rel, CMD_UPDATE);
 	return true;
+
+refuse:
+	table_close(rel, NoLock);
+	return false;
+}
+
+/*
+ * Start writing: a new command, so that what this transaction wrote before
+ * is seen and what we write now is not, and a snapshot of that command, as
+ * SPI gives a statement.
+ */
+static void
+update_start(DirectUpdate *du)
+{
+	TupleDesc	desc = RelationGetDescr(du->rel);
+
+	CommandCounterIncrement();
+	du->cid = GetCurrentCommandId(true);
+	PushCopiedSnapshot(GetTransactionSnapshot());
+	UpdateActiveSnapshotCommandId();
+	du->snapshot = GetActiveSnapshot();
+	du->estate->es_snapshot = du->snapshot;
+	du->estate->es_output_cid = du->cid;
+	du->after_triggers = du->rel->trigdesc && du->rel->trigdesc->trig_update_after_row;
+	if (du->after_triggers)
+		AfterTriggerBeginQuery();
+	du->oldslot = table_slot_create(du->rel, NULL);
+	du->newslot = MakeSingleTupleTableSlot(desc, &TTSOpsVirtual);
+}
+
+/* Begin newslot as a copy of oldslot, for the caller to change. */
+static void
+update_copy(DirectUpdate *du)
+{
+	int			natts = RelationGetDescr(du->rel)->natts;
+
+	slot_getallattrs(du->oldslot);
+	ExecClearTuple(du->newslot);
+	memcpy(du->newslot->tts_values, du->oldslot->tts_values, sizeof(Datum) * natts);
+	memcpy(du->newslot->tts_isnull, du->oldslot->tts_isnull, sizeof(bool) * natts);
+}
+
+/*
+ * Write newslot (filled since update_copy) over the version at tid,
+ * waiting for a transaction that holds it, as the statement's update does.
+ * On TM_Ok, its index entries are made and its AFTER ROW triggers queued.
+ */
+static TM_Result
+update_row(DirectUpdate *du, ItemPointer tid, TM_FailureData *tmfd, LockTupleMode *lockmode)
+{
+	TM_Result	result;
+	bool		update_indexes;
+	List	   *recheck = NIL;
+
+	ExecStoreVirtualTuple(du->newslot);
+	if (RelationGetDescr(du->rel)->constr)
+		ExecConstraints(du->rri, du->newslot, du->estate);
+	result = table_tuple_update(du->rel, tid, du->newslot, du->cid, du->snapshot,
+								InvalidSnapshot, true, tmfd, lockmode, &update_indexes);
+	if (result != TM_Ok)
+		return result;
+	if (update_indexes)
+		recheck = ExecInsertIndexTuples(du->rri, du->newslot, du->estate, true, false, NULL, NIL);
+	if (du->after_triggers)
+		ExecARUpdateTriggers(du->estate, du->rri, NULL, NULL, tid, NULL, du->newslot,
+							 recheck, NULL, false);
+	list_free(recheck);
+	return TM_Ok;
+}
+
+/* Let go of what update_open and update_start took. */
+static void
+update_close(DirectUpdate *du)
+{
+	if (du->oldslot != NULL)
+	{
+		ExecDropSingleTupleTableSlot(du->oldslot);
+		ExecDropSingleTupleTableSlot(du->newslot);
+		if (du->after_triggers)
+			AfterTriggerEndQuery(du->estate);	/* fires them */
+		PopActiveSnapshot();
+	}
+	ExecCloseResultRelations(du->estate);
+	ExecResetTupleTable(du->estate->es_tupleTable, false);	/* the triggers' slots */
+	FreeExecutorState(du->estate);
+	table_close(du->rel, NoLock);
 }
 
 /*
@@ -1192,16 +1336,6 @@ claim_held(TupleTableSlot *slot)
 		TransactionIdIsInProgress(xmax);
 }
 
-/* Let go of what claim_direct opened. */
-static void
-claim_end(EState *estate, Relation rel)
-{
-	ExecCloseResultRelations(estate);
-	ExecResetTupleTable(estate->es_tupleTable, false);	/* the triggers' slots */
-	FreeExecutorState(estate);
-	table_close(rel, NoLock);
-}
-
 /*
  * Claim up to max_tasks due tasks of flow for worker into the function's
  * result (SPI connected, due tasks promoted).  lease is NULL for the
@@ -1212,9 +1346,9 @@ static bool
 claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 			 Datum lease, bool lease_null)
 {
-	Relation	rel;
+	DirectUpdate du;
+	TupleDesc	out = rsinfo->setDesc;
 	Relation	idx;
-	TupleDesc	desc;
 	AttrNumber	att[K_NCOLS];
 	bool		isnull;
 	Oid			state_type;
@@ -1222,121 +1356,63 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	Datum		running;
 	Datum		now = TimestampTzGetDatum(GetCurrentStatementStartTimestamp());
 	Datum		expires;
-	Bitmapset  *updated = NULL;
-	RangeTblEntry *rte;
-	EState	   *estate;
-	ResultRelInfo *rri;
-	bool		after_triggers;
-	Snapshot	snapshot;
-	CommandId	cid;
 	IndexScanDesc scan;
 	ScanKeyData key;
-	TupleTableSlot *oldslot;
-	TupleTableSlot *newslot;
 	int			claimed = 0;
 
-	/*
-	 * (A read-only transaction needs no check here: promote_due's UPDATE,
-	 * run first, has refused it.)  The table lock first, then the flow, as insert_direct does. */
-	rel = table_openrv(makeRangeVar("beat", "task", -1), RowExclusiveLock);
-	if (!claim_table(rel, rsinfo->setDesc, att))
-	{
-		table_close(rel, NoLock);
+	/* the table lock first, then the flow, as insert_direct does */
+	if (!update_open(&du, claim_cols, claim_types, K_NCOLS,
+					 claim_written, lengthof(claim_written), att))
 		return false;
-	}
-	desc = RelationGetDescr(rel);
-	state_type = TupleDescAttr(desc, att[K_STATE] - 1)->atttypid;
+	state_type = TupleDescAttr(RelationGetDescr(du.rel), att[K_STATE] - 1)->atttypid;
 	pending = DatumGetObjectId(DirectFunctionCall2(enum_in, CStringGetDatum("pending"),
 												   ObjectIdGetDatum(state_type)));
 	running = DirectFunctionCall2(enum_in, CStringGetDatum("running"),
 								  ObjectIdGetDatum(state_type));
-
-	/*
-	 * An executor state for the index entries, the constraints and the
-	 * triggers.  Its one range table entry says which columns change: the
-	 * "UPDATE OF state" of a trigger and the index hint read it.
-	 */
-	for (int c = 0; c < lengthof(claim_written); c++)
-		updated = bms_add_member(updated,
-								 att[claim_written[c]] - FirstLowInvalidHeapAttributeNumber);
-	rte = makeNode(RangeTblEntry);
-	rte->rtekind = RTE_RELATION;
-	rte->relid = RelationGetRelid(rel);
-	rte->relkind = RELKIND_RELATION;
-	rte->rellockmode = RowExclusiveLock;
-	rte->updatedCols = updated;
-	estate = CreateExecutorState();
-	ExecInitRangeTable(estate, list_make1(rte));
-	rri = makeNode(ResultRelInfo);
-	InitResultRelInfo(rri, rel, 1, NULL, 0);
-	/* where firing a trigger looks for it (and closing, for its indexes) */
-	estate->es_opened_result_relations = list_make1(rri);
-	ExecOpenIndices(rri, false);
-	idx = claim_index(rri, att, pending);
-
-	/*
-	 * Only a key column (one of a unique index that a foreign key could
-	 * reference) changing would make the update take a stronger lock than
-	 * the claim's, and wait for a FOR KEY SHARE locker.
-	 */
-	if (idx == NULL ||
-		bms_overlap(RelationGetIndexAttrBitmap(rel, INDEX_ATTR_BITMAP_KEY), updated))
+	idx = claim_index(du.rri, att, pending);
+	/* and the result must be beat.claimed_task as this code knows it */
+	isnull = idx == NULL || out->natts != K_NOUT;
+	for (int c = 0; !isnull && c < K_NOUT; c++)
+		isnull = TupleDescAttr(out, c)->atttypid != claim_types[c];
+	if (isnull)
 	{
-		claim_end(estate, rel);
+		update_close(&du);
 		return false;
 	}
-	CheckCmdReplicaIdentity(rel, CMD_UPDATE);
 
 	require_flow(flow);
 	if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
 	{
 		/* paused: nothing to claim */
-		claim_end(estate, rel);
+		update_close(&du);
 		return true;
 	}
 	if (lease_null)
 		lease = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	expires = DirectFunctionCall2(timestamptz_pl_interval, now, lease);
 
-	/*
-	 * What the promotion just wrote must be seen, what we write now must
-	 * not: a new command, and a snapshot whose command is this one.
-	 */
-	CommandCounterIncrement();
-	cid = GetCurrentCommandId(true);
-	PushCopiedSnapshot(GetTransactionSnapshot());
-	UpdateActiveSnapshotCommandId();
-	snapshot = GetActiveSnapshot();
-	estate->es_snapshot = snapshot;
-	estate->es_output_cid = cid;
-	after_triggers = rel->trigdesc && rel->trigdesc->trig_update_after_row;
-	if (after_triggers)
-		AfterTriggerBeginQuery();
-
-	oldslot = table_slot_create(rel, NULL);
-	newslot = MakeSingleTupleTableSlot(desc, &TTSOpsVirtual);
-	scan = index_beginscan(rel, idx, snapshot, 1, 0);
+	/* after promote_due: what it wrote is seen */
+	update_start(&du);
+	scan = index_beginscan(du.rel, idx, du.snapshot, 1, 0);
 	ScanKeyEntryInitialize(&key, 0, 1, BTEqualStrategyNumber, InvalidOid,
 						   idx->rd_indcollation[0], F_TEXTEQ, flow);
 	index_rescan(scan, &key, 1, NULL, 0);
 
-	while (claimed < max_tasks && index_getnext_slot(scan, ForwardScanDirection, oldslot))
+	while (claimed < max_tasks && index_getnext_slot(scan, ForwardScanDirection, du.oldslot))
 	{
-		ItemPointerData tid = oldslot->tts_tid;
-		TM_Result	result;
+		TupleTableSlot *newslot = du.newslot;
+		ItemPointerData tid = du.oldslot->tts_tid;
 		TM_FailureData tmfd;
 		LockTupleMode lockmode;
-		bool		update_indexes;
 		Datum		state;
 		bool		state_null;
 		int32		attempts;
-		List	   *recheck = NIL;
-		Datum		out[K_NOUT];
-		bool		outnulls[K_NOUT];
+		Datum		vals[K_NOUT];
+		bool		nulls[K_NOUT];
 
 		CHECK_FOR_INTERRUPTS();
-		ResetPerTupleExprContext(estate);
-		state = slot_getattr(oldslot, att[K_STATE], &state_null);
+		ResetPerTupleExprContext(du.estate);
+		state = slot_getattr(du.oldslot, att[K_STATE], &state_null);
 		if (state_null || DatumGetObjectId(state) != pending)
 			continue;
 
@@ -1346,19 +1422,16 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 		 * a task another transaction holds or changed since the snapshot
 		 * is skipped.
 		 */
-		if (claim_held(oldslot) ||
-			table_tuple_lock(rel, &tid, snapshot, oldslot, cid, LockTupleNoKeyExclusive,
-							 LockWaitSkip, 0, &tmfd) != TM_Ok)
+		if (claim_held(du.oldslot) ||
+			table_tuple_lock(du.rel, &tid, du.snapshot, du.oldslot, du.cid,
+							 LockTupleNoKeyExclusive, LockWaitSkip, 0, &tmfd) != TM_Ok)
 			continue;
-		slot_getallattrs(oldslot);
 
-		ExecClearTuple(newslot);
-		memcpy(newslot->tts_values, oldslot->tts_values, sizeof(Datum) * desc->natts);
-		memcpy(newslot->tts_isnull, oldslot->tts_isnull, sizeof(bool) * desc->natts);
+		update_copy(&du);
 		/* attempts + 1, as the statement computes it (NULL stays NULL) */
-		if (!oldslot->tts_isnull[att[K_ATTEMPTS] - 1])
+		if (!newslot->tts_isnull[att[K_ATTEMPTS] - 1])
 		{
-			if (pg_add_s32_overflow(DatumGetInt32(oldslot->tts_values[att[K_ATTEMPTS] - 1]),
+			if (pg_add_s32_overflow(DatumGetInt32(newslot->tts_values[att[K_ATTEMPTS] - 1]),
 									1, &attempts))
 				ereport(ERROR,
 						(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
@@ -1372,40 +1445,249 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 		SET(K_STARTED_AT, now);
 		SET(K_UPDATED_AT, now);
 #undef SET
-		ExecStoreVirtualTuple(newslot);
-		if (desc->constr)
-			ExecConstraints(rri, newslot, estate);
 
 		/* ours alone now: the update waits for no one */
-		result = table_tuple_update(rel, &tid, newslot, cid, snapshot, InvalidSnapshot,
-									true, &tmfd, &lockmode, &update_indexes);
-		if (result != TM_Ok)
-			elog(ERROR, "pg_beat: could not update locked task " INT64_FORMAT " (%d)",
-				 DatumGetInt64(oldslot->tts_values[att[K_ID] - 1]), (int) result);
-		if (update_indexes)
-			recheck = ExecInsertIndexTuples(rri, newslot, estate, true, false, NULL, NIL);
-		if (after_triggers)
-			ExecARUpdateTriggers(estate, rri, NULL, NULL, &tid, NULL, newslot,
-								 recheck, NULL, false);
-		list_free(recheck);
+		if (update_row(&du, &tid, &tmfd, &lockmode) != TM_Ok)
+			elog(ERROR, "pg_beat: could not update locked task " INT64_FORMAT,
+				 DatumGetInt64(newslot->tts_values[att[K_ID] - 1]));
 
 		/* the row as RETURNING gives it: the new values, the old ones kept */
 		for (int c = 0; c < K_NOUT; c++)
 		{
-			out[c] = newslot->tts_values[att[c] - 1];
-			outnulls[c] = newslot->tts_isnull[att[c] - 1];
+			vals[c] = newslot->tts_values[att[c] - 1];
+			nulls[c] = newslot->tts_isnull[att[c] - 1];
 		}
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, out, outnulls);
+		tuplestore_putvalues(rsinfo->setResult, out, vals, nulls);
 		claimed++;
 	}
 
 	index_endscan(scan);
-	ExecDropSingleTupleTableSlot(oldslot);
-	ExecDropSingleTupleTableSlot(newslot);
-	if (after_triggers)
-		AfterTriggerEndQuery(estate);
-	PopActiveSnapshot();
-	claim_end(estate, rel);
+	update_close(&du);
+	return true;
+}
+
+/*
+ * The direct completion.
+ *
+ * complete_batch's statement finds each task through the primary key and
+ * updates those its worker holds.  Here each is found through the same
+ * index and updated where it was found, as claim_direct updates (and
+ * with its fallback to the statement).  The ids are taken in ascending
+ * order, the order the statement's index scan visits them.  A task that
+ * another transaction holds is waited for, as the statement waits; if that
+ * transaction changed it, READ COMMITTED finds the newest version, locks
+ * it and checks it is still held, as the statement's recheck
+ * (EvalPlanQual) does, and REPEATABLE READ raises the statement's
+ * serialization error.
+ */
+typedef enum DoneCol
+{
+	C_ID, C_STATE, C_RESULT, C_LEASE_OWNER, C_LEASE_EXPIRES_AT, C_FINISHED_AT,
+	C_UPDATED_AT,
+	C_NCOLS
+} DoneCol;
+
+static const char *const done_cols[C_NCOLS] = {
+	"id", "state", "result", "lease_owner", "lease_expires_at", "finished_at",
+	"updated_at"
+};
+
+static const Oid done_types[C_NCOLS] = {
+	INT8OID, InvalidOid, JSONBOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	TIMESTAMPTZOID
+};
+
+static const int done_written[] = {
+	C_STATE, C_RESULT, C_LEASE_OWNER, C_LEASE_EXPIRES_AT, C_FINISHED_AT, C_UPDATED_AT
+};
+
+/* An id to complete, and where it was in the caller's array. */
+typedef struct DoneId
+{
+	int64		id;
+	int			pos;
+} DoneId;
+
+static int
+done_cmp(const void *a, const void *b)
+{
+	const DoneId *x = a;
+	const DoneId *y = b;
+
+	return x->id < y->id ? -1 : x->id > y->id ? 1 : x->pos - y->pos;
+}
+
+/*
+ * The primary key among the indexes rri has opened: a valid btree on id
+ * alone.  NULL if it is not that.
+ */
+static Relation
+done_index(ResultRelInfo *rri, AttrNumber *att)
+{
+	Oid			pk = RelationGetPrimaryKeyIndex(rri->ri_RelationDesc);
+
+	for (int i = 0; i < rri->ri_NumIndices; i++)
+	{
+		Relation	idx = rri->ri_IndexRelationDescs[i];
+
+		if (RelationGetRelid(idx) != pk)
+			continue;
+		if (idx->rd_rel->relam == BTREE_AM_OID &&
+			idx->rd_index->indisvalid &&
+			idx->rd_index->indnkeyatts == 1 &&
+			idx->rd_index->indkey.values[0] == att[C_ID] &&
+			idx->rd_opcintype[0] == INT8OID &&
+			RelationGetIndexExpressions(idx) == NIL &&
+			RelationGetIndexPredicate(idx) == NIL)
+			return idx;
+		return NULL;
+	}
+	return NULL;
+}
+
+/* HELD_BY(worker), on the version in slot. */
+static bool
+done_held(DirectUpdate *du, AttrNumber *att, Datum worker)
+{
+	bool		isnull;
+	Datum		owner = slot_getattr(du->oldslot, att[C_LEASE_OWNER], &isnull);
+	Oid			coll = TupleDescAttr(RelationGetDescr(du->rel), att[C_LEASE_OWNER] - 1)->attcollation;
+
+	if (isnull || !DatumGetBool(DirectFunctionCall2Coll(texteq, coll, owner, worker)))
+		return false;
+	(void) slot_getattr(du->oldslot, att[C_LEASE_EXPIRES_AT], &isnull);
+	return !isnull;
+}
+
+/* The statement's error for a row our own command changed since it was found. */
+static void
+done_self_modified(DirectUpdate *du, TM_FailureData *tmfd)
+{
+	if (tmfd->cmax != du->cid)
+		ereport(ERROR,
+				(errcode(ERRCODE_TRIGGERED_DATA_CHANGE_VIOLATION),
+				 errmsg("tuple to be updated was already modified by an operation triggered by the current command"),
+				 errhint("Consider using an AFTER trigger instead of a BEFORE trigger to propagate changes to other rows.")));
+	/* else an id given twice: completed once, as by the statement */
+}
+
+/*
+ * Complete the n tasks ids that worker holds, with results (NULL: none).
+ * Writes the ids completed into done and their count into *ndone.
+ * Returns false, having written nothing, when the table needs the
+ * statement.
+ */
+static bool
+complete_direct(Datum *ids, int n, Datum worker, Datum *results, bool *resnulls,
+				int64 *done, uint64 *ndone)
+{
+	DirectUpdate du;
+	AttrNumber	att[C_NCOLS];
+	Relation	idx;
+	Datum		succeeded;
+	Datum		now = TimestampTzGetDatum(GetCurrentStatementStartTimestamp());
+	DoneId	   *order;
+	IndexScanDesc scan;
+	ScanKeyData key;
+
+	if (!update_open(&du, done_cols, done_types, C_NCOLS,
+					 done_written, lengthof(done_written), att))
+		return false;
+	idx = done_index(du.rri, att);
+	if (idx == NULL)
+	{
+		update_close(&du);
+		return false;
+	}
+	succeeded = DirectFunctionCall2(enum_in, CStringGetDatum("succeeded"),
+									ObjectIdGetDatum(TupleDescAttr(RelationGetDescr(du.rel),
+																   att[C_STATE] - 1)->atttypid));
+	order = palloc(sizeof(DoneId) * n);
+	for (int i = 0; i < n; i++)
+	{
+		order[i].id = DatumGetInt64(ids[i]);
+		order[i].pos = i;
+	}
+	qsort(order, n, sizeof(DoneId), done_cmp);
+
+	update_start(&du);
+	*ndone = 0;
+	scan = index_beginscan(du.rel, idx, du.snapshot, 1, 0);
+	for (int i = 0; i < n; i++)
+	{
+		ItemPointerData tid;
+		TM_FailureData tmfd;
+		LockTupleMode lockmode;
+		TM_Result	result;
+
+		CHECK_FOR_INTERRUPTS();
+		ResetPerTupleExprContext(du.estate);
+		ScanKeyEntryInitialize(&key, 0, 1, BTEqualStrategyNumber, InvalidOid,
+							   InvalidOid, F_INT8EQ, Int64GetDatum(order[i].id));
+		index_rescan(scan, &key, 1, NULL, 0);
+		if (!index_getnext_slot(scan, ForwardScanDirection, du.oldslot) ||
+			!done_held(&du, att, worker))
+			continue;
+		tid = du.oldslot->tts_tid;
+
+		for (;;)
+		{
+			TupleTableSlot *newslot = du.newslot;
+			int			pos = order[i].pos;
+
+			update_copy(&du);
+#define SET(col, v, isnull) (newslot->tts_values[att[col] - 1] = (v), newslot->tts_isnull[att[col] - 1] = (isnull))
+			SET(C_STATE, succeeded, false);
+			SET(C_RESULT, results ? results[pos] : (Datum) 0, results ? resnulls[pos] : true);
+			SET(C_FINISHED_AT, now, false);
+			SET(C_UPDATED_AT, now, false);
+			SET(C_LEASE_OWNER, (Datum) 0, true);
+			SET(C_LEASE_EXPIRES_AT, (Datum) 0, true);
+#undef SET
+			result = update_row(&du, &tid, &tmfd, &lockmode);
+			if (result == TM_Ok)
+			{
+				done[(*ndone)++] = order[i].id;
+				break;
+			}
+			if (result == TM_SelfModified)
+			{
+				done_self_modified(&du, &tmfd);
+				break;
+			}
+			if (IsolationUsesXactSnapshot())
+				ereport(ERROR,
+						(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+						 errmsg(result == TM_Deleted ?
+								"could not serialize access due to concurrent delete" :
+								"could not serialize access due to concurrent update")));
+			if (result == TM_Deleted)
+				break;
+			if (result != TM_Updated)
+				elog(ERROR, "pg_beat: unexpected result %d updating task " INT64_FORMAT,
+					 (int) result, order[i].id);
+
+			/* READ COMMITTED: the newest version, locked, must still be held */
+			result = table_tuple_lock(du.rel, &tid, du.snapshot, du.oldslot, du.cid, lockmode,
+									  LockWaitBlock, TUPLE_LOCK_FLAG_FIND_LAST_VERSION, &tmfd);
+			if (result == TM_SelfModified)
+			{
+				done_self_modified(&du, &tmfd);
+				break;
+			}
+			if (result == TM_Deleted)
+				break;
+			if (result != TM_Ok)
+				elog(ERROR, "pg_beat: unexpected result %d locking task " INT64_FORMAT,
+					 (int) result, order[i].id);
+			tid = du.oldslot->tts_tid;
+			if (!done_held(&du, att, worker))
+				break;
+		}
+	}
+	index_endscan(scan);
+	update_close(&du);
+	pfree(order);
 	return true;
 }
 
@@ -1543,6 +1825,10 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 	Datum	   *ids;
 	bool	   *idnulls;
 	int			n;
+	Datum	   *results = NULL;
+	bool	   *resnulls = NULL;
+	int64	   *done;
+	uint64		ndone;
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_INT64(0);
@@ -1573,6 +1859,7 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
 					 errmsg("results must have one element per task id"),
 					 errdetail("There are %d task ids and %d results.", n, nres)));
+		deconstruct_array(res, JSONBOID, -1, false, TYPALIGN_INT, &results, &resnulls, &nres);
 	}
 
 	values[0] = PointerGetDatum(idarr);
@@ -1580,47 +1867,53 @@ beat_complete_batch(PG_FUNCTION_ARGS)
 	values[2] = PG_GETARG_DATUM(2);
 	nulls[2] = PG_ARGISNULL(2) ? 'n' : ' ';
 
-	/*
-	 * Without results, no join: each task is looked up by id.  (A repeated
-	 * id matches its task once either way, and is reported below.)
-	 */
 	beat_spi_connect();
-	if (PG_ARGISNULL(2))
+	done = palloc(sizeof(int64) * n);
+	if (!complete_direct(ids, n, values[1], results, resnulls, done, &ndone))
 	{
-		beat_prepare(&plan_complete_ids,
-					 "UPDATE beat.task t SET state = 'succeeded', result = NULL,"
-					 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
-					 " lease_owner = NULL, lease_expires_at = NULL"
-					 " WHERE t.id = ANY ($1) AND " HELD_BY("$2")
-					 " RETURNING t.id",
-					 2, argtypes);
-		beat_execute_plan(plan_complete_ids, values, nulls, SPI_OK_UPDATE_RETURNING,
-						  BEAT_PLAN_INDEXED);
-	}
-	else
-	{
-		beat_prepare(&plan_complete_batch,
-					 "UPDATE beat.task t SET state = 'succeeded', result = r.result,"
-					 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
-					 " lease_owner = NULL, lease_expires_at = NULL"
-					 " FROM unnest($1, $3) AS r(id, result)"
-					 " WHERE t.id = ANY ($1) AND t.id = r.id AND " HELD_BY("$2")
-					 " RETURNING t.id",
-					 3, argtypes);
-		beat_execute_plan(plan_complete_batch, values, nulls, SPI_OK_UPDATE_RETURNING,
-						  BEAT_PLAN_BATCH);
-	}
-
-	if (SPI_processed != (uint64) n)
-	{
-		/* Name the first id that was not held, or the repeated one. */
-		uint64		ndone = SPI_processed;
-		int64	   *done = palloc(sizeof(int64) * Max(ndone, 1));
-		bool		isnull;
-
+		/*
+		 * The statement.  Without results, no join: each task is looked up
+		 * by id.  (A repeated id matches its task once either way, and is
+		 * reported below.)
+		 */
+		if (PG_ARGISNULL(2))
+		{
+			beat_prepare(&plan_complete_ids,
+						 "UPDATE beat.task t SET state = 'succeeded', result = NULL,"
+						 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
+						 " lease_owner = NULL, lease_expires_at = NULL"
+						 " WHERE t.id = ANY ($1) AND " HELD_BY("$2")
+						 " RETURNING t.id",
+						 2, argtypes);
+			beat_execute_plan(plan_complete_ids, values, nulls, SPI_OK_UPDATE_RETURNING,
+							  BEAT_PLAN_INDEXED);
+		}
+		else
+		{
+			beat_prepare(&plan_complete_batch,
+						 "UPDATE beat.task t SET state = 'succeeded', result = r.result,"
+						 " finished_at = statement_timestamp(), updated_at = statement_timestamp(),"
+						 " lease_owner = NULL, lease_expires_at = NULL"
+						 " FROM unnest($1, $3) AS r(id, result)"
+						 " WHERE t.id = ANY ($1) AND t.id = r.id AND " HELD_BY("$2")
+						 " RETURNING t.id",
+						 3, argtypes);
+			beat_execute_plan(plan_complete_batch, values, nulls, SPI_OK_UPDATE_RETURNING,
+							  BEAT_PLAN_BATCH);
+		}
+		ndone = Min(SPI_processed, (uint64) n);
 		for (uint64 i = 0; i < ndone; i++)
+		{
+			bool		isnull;
+
 			done[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
 												  SPI_tuptable->tupdesc, 1, &isnull));
+		}
+	}
+
+	if (ndone != (uint64) n)
+	{
+		/* Name the first id that was not held, or the repeated one. */
 		qsort(done, ndone, sizeof(int64), beat_cmp_int64);
 		for (int i = 0; i < n; i++)
 		{

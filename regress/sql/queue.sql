@@ -469,6 +469,48 @@ SELECT pg_temp.err($$SELECT * FROM beat.claim('qc', 'w-c', 1)$$);
 ROLLBACK;
 SELECT count(*) FILTER (WHERE state = 'pending') AS pending FROM beat.task WHERE flow = 'qc';
 
+-- complete_batch, written directly ----------------------------------------
+
+-- complete_batch too updates each task where it finds it (through the
+-- primary key), without the statement; the checks of "complete_batch"
+-- above ran that way.  AFTER ROW triggers fire for each task, a CHECK
+-- that one task would break fails the whole batch, and a read-only
+-- transaction is refused.  A BEFORE trigger sends it to the statement,
+-- which gives the same errors.
+TRUNCATE beat.task;
+SELECT count(*) FROM beat.enqueue_batch('qc', (SELECT array_agg(jsonb_build_object('n', g)) FROM generate_series(1, 4) g));
+CREATE TEMP TABLE cb AS SELECT id, params->>'n' AS n FROM beat.claim('qc', 'w-cb', 4);
+TRUNCATE pg_temp.fired;
+CREATE TRIGGER of_state AFTER UPDATE OF state ON beat.task
+    FOR EACH ROW EXECUTE FUNCTION pg_temp.fired();
+CREATE TRIGGER with_result AFTER UPDATE OF result ON beat.task
+    FOR EACH ROW WHEN (NEW.result IS NOT NULL) EXECUTE FUNCTION pg_temp.fired();
+SELECT beat.complete_batch(ARRAY(SELECT id FROM cb WHERE n IN ('1', '2') ORDER BY n DESC),
+                           'w-cb', ARRAY['{"r": 2}', NULL]::jsonb[]);
+DROP TRIGGER of_state ON beat.task;
+DROP TRIGGER with_result ON beat.task;
+SELECT f.trig, cb.n, f.old_state, f.new_state FROM pg_temp.fired f JOIN cb USING (id) ORDER BY cb.n, f.trig;
+SELECT cb.n, t.state, t.result, t.lease_owner, t.lease_expires_at, t.finished_at IS NOT NULL AS finished
+FROM beat.task t JOIN cb USING (id) WHERE cb.n IN ('1', '2') ORDER BY cb.n;
+SELECT id AS t3 FROM cb WHERE n = '3' \gset
+SELECT id AS t4 FROM cb WHERE n = '4' \gset
+ALTER TABLE beat.task ADD CONSTRAINT not_four CHECK (state <> 'succeeded' OR NOT params @> '{"n": 4}') NOT VALID;
+SELECT pg_temp.err(format('SELECT beat.complete_batch(ARRAY[%s, %s], %L)', :t3, :t4, 'w-cb'));
+ALTER TABLE beat.task DROP CONSTRAINT not_four;
+BEGIN READ ONLY;
+SELECT pg_temp.err(format('SELECT beat.complete_batch(ARRAY[%s], %L)', :t3, 'w-cb'));
+ROLLBACK;
+SELECT cb.n, t.state FROM beat.task t JOIN cb USING (id) WHERE cb.n IN ('3', '4') ORDER BY cb.n;
+CREATE FUNCTION pg_temp.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+CREATE TRIGGER noop BEFORE UPDATE ON beat.task FOR EACH ROW EXECUTE FUNCTION pg_temp.noop();
+SELECT id AS t1 FROM cb WHERE n = '1' \gset
+SELECT replace(pg_temp.err(format('SELECT beat.complete_batch(ARRAY[%s, %s], %L)', :t3, :t1, 'w-cb')),
+               :'t1', 't1') AS err;
+SELECT pg_temp.err(format('SELECT beat.complete_batch(ARRAY[%s, %s], %L)', :t3, :t3, 'w-cb'));
+SELECT beat.complete_batch(ARRAY[:t3, :t4], 'w-cb', ARRAY[NULL, '{"r": 4}']::jsonb[]);
+DROP TRIGGER noop ON beat.task;
+SELECT cb.n, t.state, t.result FROM beat.task t JOIN cb USING (id) WHERE cb.n IN ('3', '4') ORDER BY cb.n;
+
 -- claim, planned once ----------------------------------------------------
 
 -- Promote and the claim statement keep one generic plan per session,
@@ -478,7 +520,6 @@ SELECT count(*) FILTER (WHERE state = 'pending') AS pending FROM beat.task WHERE
 -- does nothing sends the claims here to the statement.)
 SELECT count(*) FROM beat.create_flow('qs', workers => 0);
 TRUNCATE beat.task;
-CREATE FUNCTION pg_temp.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
 CREATE TRIGGER noop BEFORE UPDATE ON beat.task FOR EACH ROW EXECUTE FUNCTION pg_temp.noop();
 SELECT count(*) FROM beat.claim('qs', 'w-plan', 10);
 SELECT * FROM beat.reap();
@@ -498,12 +539,14 @@ DROP TRIGGER noop ON beat.task;
 -- complete, complete_batch, heartbeat and fail find their tasks through
 -- the primary key, also in a generic plan made while the statistics say
 -- that no task runs: none reads task_lease_idx, which holds every
--- running task.
+-- running task.  (The BEFORE trigger that does nothing
+-- sends complete_batch to its statements.)
 TRUNCATE beat.task;
 SELECT count(*) FROM beat.enqueue_batch('qs', (SELECT array_agg('{}'::jsonb) FROM generate_series(1, 3000)));
 ANALYZE beat.task;
 CREATE TEMP TABLE held AS SELECT id FROM beat.claim('qs', 'w-idx', 5);
 SET plan_cache_mode = force_generic_plan;
+CREATE TRIGGER noop BEFORE UPDATE ON beat.task FOR EACH ROW EXECUTE FUNCTION pg_temp.noop();
 SELECT pg_stat_force_next_flush();
 SELECT idx_scan AS lease0 FROM pg_stat_user_indexes WHERE indexrelname = 'task_lease_idx' \gset
 SELECT count(beat.heartbeat(id, 'w-idx')) AS heartbeats FROM held;
@@ -515,6 +558,7 @@ FROM (SELECT id FROM held ORDER BY id OFFSET 2 LIMIT 1) h;
 SELECT beat.fail(max(id), 'w-idx', 'test', permanent => true) FROM held;
 SELECT pg_stat_force_next_flush();
 SELECT idx_scan - :lease0 AS lease_idx_scans FROM pg_stat_user_indexes WHERE indexrelname = 'task_lease_idx';
+DROP TRIGGER noop ON beat.task;
 SELECT state, count(*) FROM beat.task WHERE id IN (SELECT id FROM held) GROUP BY state ORDER BY state;
 RESET plan_cache_mode;
 
