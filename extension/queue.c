@@ -36,6 +36,7 @@
 #include "catalog/dependency.h"
 #include "catalog/pg_am.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_opfamily.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
@@ -46,7 +47,6 @@
 #include "nodes/makefuncs.h"
 #include "storage/bufmgr.h"
 #include "storage/procarray.h"
-#include "tcop/utility.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -1284,7 +1284,8 @@ claim_index(ResultRelInfo *rri, AttrNumber *att, Oid pending)
 			idx->rd_index->indisvalid &&
 			idx->rd_index->indnkeyatts == lengthof(claim_index_keys) &&
 			RelationGetIndexExpressions(idx) == NIL &&
-			idx->rd_opcintype[0] == TEXTOID;
+			idx->rd_opcintype[0] == TEXTOID &&
+			idx->rd_opfamily[0] == TEXT_BTREE_FAM_OID;
 		for (int k = 0; ok && k < lengthof(claim_index_keys); k++)
 			ok = idx->rd_index->indkey.values[k] == att[claim_index_keys[k]] &&
 				idx->rd_indoption[k] == 0;
@@ -1350,6 +1351,7 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	TupleDesc	out = rsinfo->setDesc;
 	Relation	idx;
 	AttrNumber	att[K_NCOLS];
+	bool		known;
 	bool		isnull;
 	Oid			state_type;
 	Oid			pending;
@@ -1371,10 +1373,10 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 								  ObjectIdGetDatum(state_type));
 	idx = claim_index(du.rri, att, pending);
 	/* and the result must be beat.claimed_task as this code knows it */
-	isnull = idx == NULL || out->natts != K_NOUT;
-	for (int c = 0; !isnull && c < K_NOUT; c++)
-		isnull = TupleDescAttr(out, c)->atttypid != claim_types[c];
-	if (isnull)
+	known = idx != NULL && out->natts == K_NOUT;
+	for (int c = 0; known && c < K_NOUT; c++)
+		known = TupleDescAttr(out, c)->atttypid == claim_types[c];
+	if (!known)
 	{
 		update_close(&du);
 		return false;
@@ -1473,7 +1475,8 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
  * updates those its worker holds.  Here each is found through the same
  * index and updated where it was found, as claim_direct updates (and
  * with its fallback to the statement).  The ids are taken in ascending
- * order, the order the statement's index scan visits them.  A task that
+ * order, as the statement's index scan takes them when no results are
+ * given (with results, its join may take any order).  A task that
  * another transaction holds is waited for, as the statement waits; if that
  * transaction changed it, READ COMMITTED finds the newest version, locks
  * it and checks it is still held, as the statement's recheck
@@ -1537,6 +1540,7 @@ done_index(ResultRelInfo *rri, AttrNumber *att)
 			idx->rd_index->indnkeyatts == 1 &&
 			idx->rd_index->indkey.values[0] == att[C_ID] &&
 			idx->rd_opcintype[0] == INT8OID &&
+			idx->rd_opfamily[0] == INTEGER_BTREE_FAM_OID &&
 			RelationGetIndexExpressions(idx) == NIL &&
 			RelationGetIndexPredicate(idx) == NIL)
 			return idx;
@@ -1619,6 +1623,7 @@ complete_direct(Datum *ids, int n, Datum worker, Datum *results, bool *resnulls,
 		TM_FailureData tmfd;
 		LockTupleMode lockmode;
 		TM_Result	result;
+		bool		isnull;
 
 		CHECK_FOR_INTERRUPTS();
 		ResetPerTupleExprContext(du.estate);
@@ -1667,7 +1672,7 @@ complete_direct(Datum *ids, int n, Datum worker, Datum *results, bool *resnulls,
 				elog(ERROR, "pg_beat: unexpected result %d updating task " INT64_FORMAT,
 					 (int) result, order[i].id);
 
-			/* READ COMMITTED: the newest version, locked, must still be held */
+			/* READ COMMITTED: the newest version, locked, must still be this held task */
 			result = table_tuple_lock(du.rel, &tid, du.snapshot, du.oldslot, du.cid, lockmode,
 									  LockWaitBlock, TUPLE_LOCK_FLAG_FIND_LAST_VERSION, &tmfd);
 			if (result == TM_SelfModified)
@@ -1681,7 +1686,8 @@ complete_direct(Datum *ids, int n, Datum worker, Datum *results, bool *resnulls,
 				elog(ERROR, "pg_beat: unexpected result %d locking task " INT64_FORMAT,
 					 (int) result, order[i].id);
 			tid = du.oldslot->tts_tid;
-			if (!done_held(&du, att, worker))
+			if (!done_held(&du, att, worker) ||
+				DatumGetInt64(slot_getattr(du.oldslot, att[C_ID], &isnull)) != order[i].id)
 				break;
 		}
 	}
