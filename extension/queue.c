@@ -5,9 +5,10 @@
  *		heartbeat, cancel, requeue, reap and purge.
  *
  * Every function is one or two statements through saved SPI plans, but
- * for two writes done directly with the table and index access methods (a
- * batch without keys, and claim); none builds SQL from its arguments.
- * Concurrency rests on row locks:
+ * for three writes done directly with the table and index access methods
+ * (a batch without keys, claim and complete_batch), each of which goes
+ * back to its statement on a table it does not know exactly; none builds
+ * SQL from its arguments.  Concurrency rests on row locks:
  *
  * - claim updates due rows without waiting, skipping those another
  *   transaction holds (as FOR UPDATE SKIP LOCKED does), so concurrent
@@ -568,6 +569,64 @@ column_is(Form_pg_attribute a, Oid type)
 		get_typtype(a->atttypid) == TYPTYPE_ENUM;
 }
 
+/*
+ * Find the n columns cols of rel, of types (see column_is), and note their
+ * numbers in att.  False if one is missing or of another type, or if rel
+ * has a generated column.  With others (nothers names), every other
+ * column must be one of those, without a default (the columns a direct
+ * insert leaves NULL); without, other columns are let be.
+ */
+static bool
+find_columns(Relation rel, const char *const *cols, const Oid *types, int n,
+			 AttrNumber *att, const char *const *others, int nothers)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+
+	for (int c = 0; c < n; c++)
+		att[c] = InvalidAttrNumber;
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute a = TupleDescAttr(desc, i);
+		const char *name = NameStr(a->attname);
+		bool		known = false;
+
+		if (a->attisdropped)
+			continue;
+		if (a->attgenerated)
+			return false;
+		for (int c = 0; c < n && !known; c++)
+			if (strcmp(name, cols[c]) == 0)
+			{
+				if (!column_is(a, types[c]))
+					return false;
+				att[c] = a->attnum;
+				known = true;
+			}
+		for (int c = 0; c < nothers && !known; c++)
+			if (strcmp(name, others[c]) == 0)
+			{
+				if (a->atthasdef)
+					return false;
+				known = true;
+			}
+		if (!known && others != NULL)
+			return false;
+	}
+	for (int c = 0; c < n; c++)
+		if (att[c] == InvalidAttrNumber)
+			return false;
+	return true;
+}
+
+/* The value named name of the state enum, beat.task's column attnum. */
+static Datum
+state_value(Relation rel, AttrNumber attnum, const char *name)
+{
+	return DirectFunctionCall2(enum_in, CStringGetDatum(name),
+							   ObjectIdGetDatum(TupleDescAttr(RelationGetDescr(rel),
+															  attnum - 1)->atttypid));
+}
+
 #define DIRECT_CHUNK 100		/* rows per heap_multi_insert: a few pages */
 
 /*
@@ -582,7 +641,6 @@ column_is(Form_pg_attribute a, Oid type)
 static bool
 direct_columns(Relation rel, AttrNumber *att)
 {
-	TupleDesc	desc = RelationGetDescr(rel);
 	TriggerDesc *td = rel->trigdesc;
 
 	if (!direct_table(rel, ACL_INSERT) ||
@@ -590,40 +648,10 @@ direct_columns(Relation rel, AttrNumber *att)
 				td->trig_insert_instead_row || td->trig_insert_before_statement ||
 				td->trig_insert_after_statement || td->trig_insert_new_table)))
 		return false;
-	for (int c = 0; c < D_NCOLS; c++)
-		att[c] = InvalidAttrNumber;
-	for (int i = 0; i < desc->natts; i++)
-	{
-		Form_pg_attribute a = TupleDescAttr(desc, i);
-		const char *name = NameStr(a->attname);
-		bool		known = false;
-
-		if (a->attisdropped)
-			continue;
-		if (a->attgenerated)
-			return false;
-		for (int c = 0; c < D_NCOLS && !known; c++)
-			if (strcmp(name, direct_cols[c]) == 0)
-			{
-				if (!column_is(a, direct_types[c]))
-					return false;
-				att[c] = a->attnum;
-				known = true;
-			}
-		for (int c = 0; c < lengthof(direct_null_cols) && !known; c++)
-			if (strcmp(name, direct_null_cols[c]) == 0)
-			{
-				if (a->atthasdef)
-					return false;
-				known = true;
-			}
-		if (!known)
-			return false;
-	}
-	for (int c = 0; c < D_NCOLS; c++)
-		if (att[c] == InvalidAttrNumber)
-			return false;
-	return TupleDescAttr(desc, att[D_ID] - 1)->attidentity != '\0';
+	if (!find_columns(rel, direct_cols, direct_types, D_NCOLS, att,
+					  direct_null_cols, lengthof(direct_null_cols)))
+		return false;
+	return TupleDescAttr(RelationGetDescr(rel), att[D_ID] - 1)->attidentity != '\0';
 }
 
 /*
@@ -682,13 +710,10 @@ insert_direct(EnqueueArgs *a, Datum *params, Datum *cids, int count, int64 *ids)
 		SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull) :
 		a->max_attempts;
 	run_at = a->run_at_null ? now : a->run_at;
-	state = DirectFunctionCall2(enum_in,
-								CStringGetDatum(!a->run_at_null &&
-												DatumGetTimestampTz(a->run_at) >
-												DatumGetTimestampTz(now) ?
-												"scheduled" : "pending"),
-								ObjectIdGetDatum(TupleDescAttr(RelationGetDescr(rel),
-															   att[D_STATE] - 1)->atttypid));
+	state = state_value(rel, att[D_STATE],
+						!a->run_at_null &&
+						DatumGetTimestampTz(a->run_at) > DatumGetTimestampTz(now) ?
+						"scheduled" : "pending");
 	seq = getIdentitySequence(relid, att[D_ID], false);
 
 	estate = CreateExecutorState();
@@ -1035,10 +1060,9 @@ promote_due(Datum flow)
  * delete its old entries bottom-up), and AFTER ROW triggers, queued and
  * fired as the statement's would be (the extension's own task_finished
  * and task_dead are of that kind; a claim passes neither's WHEN).  A table
- * this code does not know exactly (a generated column, a column it
- * writes or returns of another type, a BEFORE or statement-level update
- * trigger, rules, row security, a claim index on other columns) goes back
- * to the statement.
+ * this code does not know exactly (see update_open; also a claim index
+ * on other columns, or a result of other columns) goes back to the
+ * statement.
  */
 typedef enum ClaimCol
 {
@@ -1110,7 +1134,6 @@ update_open(DirectUpdate *du, const char *const *cols, const Oid *types, int nco
 			const int *written, int nwritten, AttrNumber *att)
 {
 	Relation	rel;
-	TupleDesc	desc;
 	TriggerDesc *td;
 	Bitmapset  *updated = NULL;
 	RangeTblEntry *rte;
@@ -1119,34 +1142,14 @@ update_open(DirectUpdate *du, const char *const *cols, const Oid *types, int nco
 	PreventCommandIfReadOnly("UPDATE");
 	PreventCommandIfParallelMode("UPDATE");
 	rel = table_openrv(makeRangeVar("beat", "task", -1), RowExclusiveLock);
-	desc = RelationGetDescr(rel);
 	td = rel->trigdesc;
 	if (!direct_table(rel, ACL_SELECT | ACL_UPDATE) || rel->rd_rel->relhassubclass ||
 		(td && (td->trig_update_before_row || td->trig_update_instead_row ||
 				td->trig_update_before_statement || td->trig_update_after_statement ||
 				td->trig_update_new_table || td->trig_update_old_table)))
 		goto refuse;
-	for (int c = 0; c < ncols; c++)
-		att[c] = InvalidAttrNumber;
-	for (int i = 0; i < desc->natts; i++)
-	{
-		Form_pg_attribute a = TupleDescAttr(desc, i);
-
-		if (a->attisdropped)
-			continue;
-		if (a->attgenerated)
-			goto refuse;
-		for (int c = 0; c < ncols; c++)
-			if (strcmp(NameStr(a->attname), cols[c]) == 0)
-			{
-				if (!column_is(a, types[c]))
-					goto refuse;
-				att[c] = a->attnum;
-			}
-	}
-	for (int c = 0; c < ncols; c++)
-		if (att[c] == InvalidAttrNumber)
-			goto refuse;
+	if (!find_columns(rel, cols, types, ncols, att, NULL, 0))
+		goto refuse;
 	for (int c = 0; c < nwritten; c++)
 		updated = bms_add_member(updated, att[written[c]] - FirstLowInvalidHeapAttributeNumber);
 	if (bms_overlap(RelationGetIndexAttrBitmap(rel, INDEX_ATTR_BITMAP_KEY), updated))
@@ -1353,7 +1356,6 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	AttrNumber	att[K_NCOLS];
 	bool		known;
 	bool		isnull;
-	Oid			state_type;
 	Oid			pending;
 	Datum		running;
 	Datum		now = TimestampTzGetDatum(GetCurrentStatementStartTimestamp());
@@ -1366,11 +1368,8 @@ claim_direct(ReturnSetInfo *rsinfo, Datum flow, Datum worker, int max_tasks,
 	if (!update_open(&du, claim_cols, claim_types, K_NCOLS,
 					 claim_written, lengthof(claim_written), att))
 		return false;
-	state_type = TupleDescAttr(RelationGetDescr(du.rel), att[K_STATE] - 1)->atttypid;
-	pending = DatumGetObjectId(DirectFunctionCall2(enum_in, CStringGetDatum("pending"),
-												   ObjectIdGetDatum(state_type)));
-	running = DirectFunctionCall2(enum_in, CStringGetDatum("running"),
-								  ObjectIdGetDatum(state_type));
+	pending = DatumGetObjectId(state_value(du.rel, att[K_STATE], "pending"));
+	running = state_value(du.rel, att[K_STATE], "running");
 	idx = claim_index(du.rri, att, pending);
 	/* and the result must be beat.claimed_task as this code knows it */
 	known = idx != NULL && out->natts == K_NOUT;
@@ -1603,9 +1602,7 @@ complete_direct(Datum *ids, int n, Datum worker, Datum *results, bool *resnulls,
 		update_close(&du);
 		return false;
 	}
-	succeeded = DirectFunctionCall2(enum_in, CStringGetDatum("succeeded"),
-									ObjectIdGetDatum(TupleDescAttr(RelationGetDescr(du.rel),
-																   att[C_STATE] - 1)->atttypid));
+	succeeded = state_value(du.rel, att[C_STATE], "succeeded");
 	order = palloc(sizeof(DoneId) * n);
 	for (int i = 0; i < n; i++)
 	{
