@@ -174,6 +174,8 @@ if [ "$DIAG" = 1 ]; then sql -c "CREATE EXTENSION pg_stat_statements"; fi
 commas() { echo "$1" | sed -e ':a' -e 's/\([0-9]\)\([0-9]\{3\}\)\($\|,\)/\1,\2\3/' -e 'ta'; }
 # Round a float to an integer.
 round() { awk -v x="$1" 'BEGIN { printf "%d", x + 0.5 }'; }
+# a / b to two places.
+div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 median() { printf '%s\n' "$@" | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 # The arguments as "a, b, c".
 listing() { local IFS=,; echo "$*" | sed 's/,/, /g'; }
@@ -376,8 +378,8 @@ if new_flow bench_1 && sql -c "TRUNCATE beat.task"; then
                 break 2
             fi
         done
-        RATIO_INSERT+=("$(awk -v a="${tps[enqueue]}" -v b="${tps[insert]}" 'BEGIN { printf "%.2f", a / b }')")
-        RATIO_TASK+=("$(awk -v a="${tps[enqueue]}" -v b="${tps[insert_task]}" 'BEGIN { printf "%.2f", a / b }')")
+        RATIO_INSERT+=("$(div "${tps[enqueue]}" "${tps[insert]}")")
+        RATIO_TASK+=("$(div "${tps[enqueue]}" "${tps[insert_task]}")")
     done
     diag_report "1. single enqueue and its two baselines"
     if [ "${#RATIO_INSERT[@]}" = "$ROUNDS" ]; then
@@ -386,7 +388,7 @@ if new_flow bench_1 && sql -c "TRUNCATE beat.task"; then
             for k in insert insert_task enqueue; do
                 # shellcheck disable=SC2086
                 RATE[$k]=$(median ${RUNS1[$k]})
-                DETAIL[$k]="runs (per s): $(echo ${RUNS1[$k]} | sed 's/ /, /g'), median ${RATE[$k]}; last run: ${WAL1[$k]}"
+                DETAIL[$k]="runs (per s): $(listing ${RUNS1[$k]}), median ${RATE[$k]}; last run: ${WAL1[$k]}"
             done
         else
             fail enqueue "pgbench committed ${XACTS1[enqueue]} enqueues but $n pending tasks are in bench_1"
@@ -403,7 +405,8 @@ BATCH_TASKS=$((BATCH_SIZE * BATCH_XACTS))
 # after a checkpoint, and report the median.  Before each run, its
 # baseline: the rows enqueue_batch writes, INSERTed by plain SQL from the
 # same array into bench_task (the copy of beat.task from measurement 1),
-# with no checks; the report gives the per-run ratios and their median.
+# without pg_beat's argument checks; the report gives the per-run ratios
+# and their median.
 BATCH_ARRAY="(SELECT array_agg(jsonb_build_object('n', g)) FROM generate_series(1, $BATCH_SIZE) g)"
 runs=() runs_sql=() RATIO_BATCH=()
 new_flow bench_2 || fail enqueue_batch "could not create flow bench_2"
@@ -429,14 +432,15 @@ for rep in $(seq "$REPEAT"); do
     DETAIL[batch_sql]="last run: $(wal_detail "$BATCH_TASKS")"
 
     log "2. batch enqueue, $BATCH_TASKS tasks in $BATCH_XACTS batches of $BATCH_SIZE, 1 client (run $rep of $REPEAT)"
-    if sql -c "TRUNCATE beat.task, bench_task" && settle; then
+    if sql -c "TRUNCATE bench_task" && settle; then
         diag_reset
         f=$(script enqueue_batch "SELECT count(*) FROM beat.enqueue_batch('bench_2', $BATCH_ARRAY);")
         if run_pgbench enqueue_batch "$f" -c 1 -t "$BATCH_XACTS"; then
             n=$(sql -c "SELECT count(*) FROM beat.task WHERE flow = 'bench_2' AND state = 'pending'")
             if [ "$n" = "$BATCH_TASKS" ]; then
-                runs+=("$(round "$(awk -v t="$TPS" -v b="$BATCH_SIZE" 'BEGIN { print t * b }')")")
-                RATIO_BATCH+=("$(awk -v t="$TPS" -v b="$BATCH_SIZE" -v base="$base" 'BEGIN { printf "%.2f", t * b / base }')")
+                rate=$(awk -v t="$TPS" -v b="$BATCH_SIZE" 'BEGIN { print t * b }')
+                runs+=("$(round "$rate")")
+                RATIO_BATCH+=("$(div "$rate" "$base")")
                 DETAIL[enqueue_batch]="$BATCH_TASKS tasks, pgbench tps $TPS x $BATCH_SIZE; wall ${WALL}s incl. connection ($(round "$(awk -v n="$BATCH_TASKS" -v w="$WALL" 'BEGIN { print n / w }')") tasks/s), $(wal_detail "$BATCH_TASKS")"
             else
                 fail enqueue_batch "expected $BATCH_TASKS pending tasks in bench_2, found $n"
@@ -448,7 +452,7 @@ for rep in $(seq "$REPEAT"); do
         fi
         diag_report "2. batch enqueue"
     else
-        fail enqueue_batch "could not truncate beat.task"
+        fail enqueue_batch "could not truncate bench_task"
         break
     fi
 done
@@ -457,6 +461,8 @@ if [ "${#runs[@]}" = "$REPEAT" ]; then
     DETAIL[enqueue_batch]="runs (tasks/s): $(listing "${runs[@]}"), median ${RATE[enqueue_batch]}; last run: ${DETAIL[enqueue_batch]}"
     RATE[batch_sql]=$(median "${runs_sql[@]}")
     DETAIL[batch_sql]="runs (rows/s): $(listing "${runs_sql[@]}"), median ${RATE[batch_sql]}; ${DETAIL[batch_sql]}"
+elif [ "${RATE[batch_sql]:-}" != FAILED ]; then
+    fail batch_sql "no median: measurement 2 stopped after ${#runs[@]} of $REPEAT runs"
 fi
 
 # --- 3 and 4. drains ----------------------------------------------------------
@@ -535,8 +541,8 @@ drain() {  # key flow per_call title
 # The baseline of the batched drain: the same drain in plain SQL on
 # bench_task, the copy of beat.task (its indexes, checks and defaults, not
 # its trigger task_finished).  One PL/pgSQL call per transaction claims
-# 100 rows the way beat.claim does (FOR UPDATE SKIP LOCKED, in claim
-# order, a lease) and completes them; no checks, no flow settings, no
+# 100 rows the way beat.claim's statement does (FOR UPDATE SKIP LOCKED,
+# in claim order, a lease) and completes them; no checks, no flow settings, no
 # wake-up of beat.wait.
 sql -c "CREATE FUNCTION bench_drain_sql(w text, n integer) RETURNS integer
         LANGUAGE plpgsql AS \$\$
@@ -596,7 +602,7 @@ for rep in $(seq "$REPEAT"); do
     [ "${RATE[drain_batch]:-FAILED}" != FAILED ] || break
     runs+=("${RATE[drain_batch]}")
     runs_sql+=("${RATE[drain_sql]}")
-    RATIO_DRAIN+=("$(awk -v a="${RATE[drain_batch]}" -v b="${RATE[drain_sql]}" 'BEGIN { printf "%.2f", a / b }')")
+    RATIO_DRAIN+=("$(div "${RATE[drain_batch]}" "${RATE[drain_sql]}")")
     last=${DETAIL[drain_batch]}
     last_sql=${DETAIL[drain_sql]}
 done
@@ -605,6 +611,8 @@ if [ "${#runs[@]}" = "$REPEAT" ]; then
     DETAIL[drain_batch]="runs (tasks/s): $(listing "${runs[@]}"), median ${RATE[drain_batch]}; last run: $last"
     RATE[drain_sql]=$(median "${runs_sql[@]}")
     DETAIL[drain_sql]="runs (rows/s): $(listing "${runs_sql[@]}"), median ${RATE[drain_sql]}; $last_sql"
+elif [ "${RATE[drain_sql]:-FAILED}" != FAILED ]; then
+    fail drain_sql "no median: measurement 4 stopped after ${#runs[@]} of $REPEAT runs"
 fi
 
 # --- report -------------------------------------------------------------------
@@ -612,7 +620,7 @@ fi
 fmt_rate() { if [ "${RATE[$1]:-FAILED}" = FAILED ]; then echo "**FAILED**"; else commas "${RATE[$1]}"; fi; }
 ratio() {  # key ref
     if [ "${RATE[$1]:-FAILED}" = FAILED ]; then echo "-"; return; fi
-    awk -v a="${RATE[$1]}" -v b="$2" 'BEGIN { printf "%.2f", a / b }'
+    div "${RATE[$1]}" "$2"
 }
 row() {  # label key ref
     printf '| %s | %s | %s | %s |\n' "$1" "$(fmt_rate "$2")" "$(commas "$3")" "$(ratio "$2" "$3")"
