@@ -1313,8 +1313,8 @@ claim_index(ResultRelInfo *rri, AttrNumber *att, Oid pending)
  * or locks it FOR SHARE or stronger.  table_tuple_lock with LockWaitSkip
  * would skip such a task too, but only after asking the lock manager
  * twice (the tuple's lock, then the holder's transaction); with several
- * claimers, most of the tasks a claim passes are held by the others.  A
- * look at the tuple's header answers first.  A multixact, a lock FOR KEY
+ * claimers, a claim passes the tasks the others hold.  A look at the
+ * tuple's header answers first.  A multixact, a lock FOR KEY
  * SHARE, our own transaction or one that has ended are for
  * table_tuple_lock to judge.
  */
